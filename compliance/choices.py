@@ -1,0 +1,35 @@
+from django.db import models
+
+
+class AuditAction(models.TextChoices):
+    """Actions Bridge itself records; custom events from the API are `custom.<name>`."""
+
+    API_REQUEST = "api.request", "API request"
+    LOGIN_SUCCEEDED = "auth.login.succeeded", "Login succeeded"
+    LOGIN_FAILED = "auth.login.failed", "Login failed"
+    LOCKED_OUT = "auth.lockout", "Locked out"
+    LOGOUT = "auth.logout", "Logout"
+    TOKEN_REFRESHED = "auth.token.refreshed", "Token refreshed"
+    TOKEN_REUSE_DETECTED = "auth.token.reuse_detected", "Refresh token reuse detected"
+    SESSIONS_REVOKED = "auth.sessions.revoked", "Sessions revoked by an administrator"
+    ADMIN_CHANGE = "admin.change", "Admin change"
+    AUDIT_VERIFIED = "audit.verified", "Audit chain verified"
+    AUDIT_BROKEN = "audit.broken", "Audit chain broken"
+    ADMIN_ACCOUNT = "admin.account", "Admin account ensured"
+
+
+CUSTOM_ACTION_PREFIX = "custom."
+
+
+class VerificationStatus(models.TextChoices):
+    RUNNING = "running", "Running"
+    OK = "ok", "Intact"
+    BROKEN = "broken", "Broken"
+    FAILED = "failed", "Failed to run"
+
+
+class VerificationSource(models.TextChoices):
+    API = "api", "API"
+    CLI = "cli", "Command line"
+    ADMIN = "admin", "Admin console"
+    SCHEDULE = "schedule", "Schedule"

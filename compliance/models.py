@@ -1,0 +1,90 @@
+import json
+
+from django.db import models
+from django.db.models import Q
+
+from compliance.choices import VerificationSource, VerificationStatus
+
+
+class AuditEvent(models.Model):
+    """One tamper-evident audit record.
+
+    Rows are inserted by requests and services (durable before the response) with the chain
+    columns empty; the sealer then gives each committed row, in id order, its `seq`,
+    `prev_hash` and `hash`. On PostgreSQL a trigger lets those three columns be filled once
+    and refuses every other UPDATE, every DELETE and TRUNCATE.
+    """
+
+    seq = models.BigIntegerField(null=True, blank=True, unique=True, editable=False)
+    occurred_at = models.DateTimeField(db_index=True)
+    actor_id = models.BigIntegerField(null=True, blank=True)
+    actor_username = models.CharField(max_length=150, blank=True)
+    client_ip = models.GenericIPAddressField(null=True, blank=True)
+    request_id = models.CharField(max_length=64, blank=True)
+    action = models.CharField(max_length=64)
+    object_type = models.CharField(max_length=100, blank=True)
+    object_id = models.CharField(max_length=100, blank=True)
+    method = models.CharField(max_length=10, blank=True)
+    path = models.CharField(max_length=500, blank=True)
+    status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    latency_ms = models.FloatField(null=True, blank=True)
+    # Canonical JSON text, not jsonb: the hash covers these exact bytes, and jsonb would
+    # reorder keys, rewrite numbers and refuse NUL characters.
+    details = models.TextField(default="{}")
+    prev_hash = models.CharField(max_length=64, null=True, blank=True, editable=False)
+    hash = models.CharField(max_length=64, null=True, blank=True, editable=False)
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [
+            models.Index(fields=["action", "-id"], name="audit_action_idx"),
+            models.Index(fields=["actor_username", "-id"], name="audit_actor_idx"),
+            models.Index(fields=["request_id"], name="audit_request_idx"),
+            models.Index(fields=["id"], condition=Q(seq__isnull=True), name="audit_unsealed_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"#{self.id} {self.action} by {self.actor_username or 'anonymous'}"
+
+    @property
+    def details_data(self) -> dict:
+        return json.loads(self.details or "{}")
+
+    @property
+    def is_sealed(self) -> bool:
+        return self.hash is not None
+
+
+class AuditChainHead(models.Model):
+    """The single row naming the newest sealed event; the sealer locks it to never fork."""
+
+    id = models.PositiveSmallIntegerField(primary_key=True, default=1)
+    last_seq = models.BigIntegerField(default=0)
+    last_hash = models.CharField(max_length=64)
+    last_event_id = models.BigIntegerField(null=True, blank=True)
+    sealed_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"audit chain head at seq {self.last_seq}"
+
+
+class AuditVerification(models.Model):
+    """One run of the chain verification, from the API, the CLI, the admin or the schedule."""
+
+    status = models.CharField(
+        max_length=16, choices=VerificationStatus.choices, default=VerificationStatus.RUNNING
+    )
+    source = models.CharField(max_length=16, choices=VerificationSource.choices)
+    requested_by = models.CharField(max_length=150, blank=True)
+    started_at = models.DateTimeField()
+    finished_at = models.DateTimeField(null=True, blank=True)
+    checked = models.BigIntegerField(default=0)
+    unsealed = models.BigIntegerField(default=0)
+    first_broken_id = models.BigIntegerField(null=True, blank=True)
+    reason = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-started_at"]
+
+    def __str__(self) -> str:
+        return f"verification {self.id}: {self.status}"

@@ -1,0 +1,379 @@
+"""The audit trail: recording, sealing into a hash chain, verifying.
+
+Recording is one INSERT in the caller's connection (inside the caller's transaction when there
+is one), so an event is durable when the request or service that caused it commits. Sealing is
+separate and serialized by a lock on the chain head: it links committed events in id order,
+which means concurrent writers never contend on a lock and the chain can never fork.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.http import HttpRequest
+from django.utils import timezone
+
+from compliance.choices import (
+    CUSTOM_ACTION_PREFIX,
+    AuditAction,
+    VerificationSource,
+    VerificationStatus,
+)
+from compliance.models import AuditChainHead, AuditEvent, AuditVerification
+
+log = logging.getLogger(__name__)
+
+# The request being served, so events raised deep inside (admin LogEntry signals, services
+# called without a request) still carry its client IP and request id.
+current_request: ContextVar[HttpRequest | None] = ContextVar("current_request", default=None)
+
+GENESIS_HASH = "0" * 64
+REDACTED = "[REDACTED]"
+_SECRET_KEY_PATTERN = re.compile(
+    r"pass|secret|token|key|plaintext|authorization|cookie|credential|refresh|access|signature"
+    r"|otp|session",
+    re.IGNORECASE,
+)
+_HASHED_FIELDS = (
+    "id",
+    "seq",
+    "occurred_at",
+    "actor_id",
+    "actor_username",
+    "client_ip",
+    "request_id",
+    "action",
+    "object_type",
+    "object_id",
+    "method",
+    "path",
+    "status_code",
+    "latency_ms",
+    "details",
+    "prev_hash",
+)
+_INSERT_COLUMNS = (
+    "occurred_at",
+    "actor_id",
+    "actor_username",
+    "client_ip",
+    "request_id",
+    "action",
+    "object_type",
+    "object_id",
+    "method",
+    "path",
+    "status_code",
+    "latency_ms",
+    "details",
+)
+
+
+def redact(value: Any) -> Any:
+    """A copy of `value` with every secret-looking key's value replaced by [REDACTED]."""
+    if isinstance(value, dict):
+        return {
+            str(key): REDACTED if _SECRET_KEY_PATTERN.search(str(key)) else redact(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [redact(item) for item in value]
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return str(value)
+
+
+def _clean_text(value: str | None, limit: int) -> str:
+    # PostgreSQL text refuses NUL; a path or username is never legitimately longer than limit.
+    return (value or "").replace("\x00", "\\x00")[:limit]
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def event_hash(fields: dict[str, Any]) -> str:
+    """SHA-256 over the canonical JSON of an event's fields and its prev_hash."""
+    payload = {name: fields[name] for name in _HASHED_FIELDS}
+    payload["occurred_at"] = _iso(payload["occurred_at"])
+    return hashlib.sha256(canonical_json(payload).encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Actor:
+    id: int | None
+    username: str
+
+    @classmethod
+    def of(cls, user: Any) -> Actor:
+        if user is None or not getattr(user, "is_authenticated", False):
+            return cls(id=None, username="")
+        return cls(id=user.pk, username=user.get_username())
+
+
+def _insert_sql() -> str:
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(column) for column in _INSERT_COLUMNS)
+    marks = ", ".join(["%s"] * len(_INSERT_COLUMNS))
+    # Only identifiers from our own model are interpolated; every value is a parameter.
+    return (
+        f"INSERT INTO {quote(AuditEvent._meta.db_table)} ({columns}) VALUES ({marks}) "  # noqa: S608
+        f"RETURNING {quote('id')}"
+    )
+
+
+def record_event(
+    *,
+    action: str,
+    actor: Any = None,
+    request: HttpRequest | None = None,
+    object_type: str = "",
+    object_id: str | int = "",
+    method: str = "",
+    path: str = "",
+    status_code: int | None = None,
+    latency_ms: float | None = None,
+    details: dict | None = None,
+    occurred_at: datetime | None = None,
+) -> int:
+    """Append one event (unsealed) and return its id.
+
+    Runs in the caller's transaction, so a service's change and its event commit together.
+    Details are redacted here, whoever calls, so no caller can leak a secret into the trail.
+    """
+    from security.ip import client_ip
+
+    who = actor if isinstance(actor, Actor) else Actor.of(actor)
+    if request is None:
+        request = current_request.get()
+    values = (
+        connection.ops.adapt_datetimefield_value(occurred_at or timezone.now()),
+        who.id,
+        _clean_text(who.username, 150),
+        client_ip(request) if request is not None else None,
+        _clean_text(getattr(request, "request_id", ""), 64),
+        _clean_text(action, 64),
+        _clean_text(object_type, 100),
+        _clean_text(str(object_id), 100),
+        _clean_text(method, 10),
+        _clean_text(path, 500),
+        status_code,
+        None if latency_ms is None else round(latency_ms, 3),
+        canonical_json(redact(details or {})),
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(_insert_sql(), values)
+        return cursor.fetchone()[0]
+
+
+def log_custom_event(
+    *,
+    actor: Any,
+    request: HttpRequest | None,
+    name: str,
+    object_type: str = "",
+    object_id: str = "",
+    details: dict | None = None,
+) -> AuditEvent:
+    """Record an event an operator or integration asked for (`POST /api/compliance/audit/log`).
+
+    Custom events live under `custom.` so that no client can forge one of Bridge's own actions.
+    """
+    event_id = record_event(
+        action=f"{CUSTOM_ACTION_PREFIX}{name}",
+        actor=actor,
+        request=request,
+        object_type=object_type,
+        object_id=object_id,
+        details=details,
+    )
+    return AuditEvent.objects.get(pk=event_id)
+
+
+def _head_for_update() -> AuditChainHead:
+    head = AuditChainHead.objects.select_for_update().filter(pk=1).first()
+    if head is None:
+        AuditChainHead.objects.bulk_create(
+            [AuditChainHead(pk=1, last_seq=0, last_hash=GENESIS_HASH)], ignore_conflicts=True
+        )
+        head = AuditChainHead.objects.select_for_update().get(pk=1)
+    return head
+
+
+def seal_pending_events(*, batch: int | None = None) -> int:
+    """Link up to `batch` committed, unsealed events into the chain; returns how many.
+
+    One transaction holding the head's row lock: two sealers (two beat hosts, a manual run)
+    queue behind each other and each continues from the head the other left.
+    """
+    limit = batch or settings.AUDIT_SEAL_BATCH
+    with transaction.atomic():
+        head = _head_for_update()
+        pending = list(AuditEvent.objects.filter(seq__isnull=True).order_by("id")[:limit])
+        if not pending:
+            return 0
+        seq, prev = head.last_seq, head.last_hash
+        for event in pending:
+            seq += 1
+            event.seq = seq
+            event.prev_hash = prev
+            event.hash = event_hash(_fields_of(event))
+            prev = event.hash
+        AuditEvent.objects.bulk_update(pending, ["seq", "prev_hash", "hash"], batch_size=1000)
+        head.last_seq, head.last_hash = seq, prev
+        head.last_event_id = pending[-1].id
+        head.sealed_at = timezone.now()
+        head.save()
+    return len(pending)
+
+
+def seal_all_pending() -> int:
+    total = 0
+    while sealed := seal_pending_events():
+        total += sealed
+    return total
+
+
+def _fields_of(event: AuditEvent) -> dict[str, Any]:
+    return {name: getattr(event, name) for name in _HASHED_FIELDS}
+
+
+@dataclass(frozen=True)
+class ChainCheck:
+    ok: bool
+    checked: int
+    unsealed: int
+    first_broken_id: int | None
+    reason: str
+
+
+def check_chain() -> ChainCheck:
+    """Recompute every sealed event's hash and link, in seq order, up to the current head."""
+    head = AuditChainHead.objects.filter(pk=1).first()
+    head_seq = head.last_seq if head else 0
+    head_hash = head.last_hash if head else GENESIS_HASH
+    unsealed = AuditEvent.objects.filter(seq__isnull=True).count()
+    expected_seq, prev, checked = 1, GENESIS_HASH, 0
+    rows = (
+        AuditEvent.objects.filter(seq__isnull=False, seq__lte=head_seq)
+        .order_by("seq")
+        .values_list(*_HASHED_FIELDS, "hash")
+    )
+    for row in rows.iterator(chunk_size=2000):
+        fields = dict(zip(_HASHED_FIELDS, row[:-1], strict=True))
+        stored_hash = row[-1]
+        if fields["seq"] != expected_seq:
+            return ChainCheck(
+                False,
+                checked,
+                unsealed,
+                fields["id"],
+                f"event(s) with seq {expected_seq}..{fields['seq'] - 1} are missing",
+            )
+        if fields["prev_hash"] != prev:
+            return ChainCheck(
+                False, checked, unsealed, fields["id"], "prev_hash does not match the event before"
+            )
+        if event_hash(fields) != stored_hash:
+            return ChainCheck(
+                False, checked, unsealed, fields["id"], "content does not match its hash"
+            )
+        prev = stored_hash
+        expected_seq += 1
+        checked += 1
+    if checked != head_seq or prev != head_hash:
+        return ChainCheck(
+            False,
+            checked,
+            unsealed,
+            head.last_event_id if head else None,
+            f"the chain ends at seq {checked} but its head records seq {head_seq}",
+        )
+    return ChainCheck(True, checked, unsealed, None, "")
+
+
+def verify_chain(
+    *, source: VerificationSource, actor: Any = None, request: HttpRequest | None = None
+) -> AuditVerification:
+    """Run `check_chain`, keep the run as an AuditVerification row and audit the outcome.
+
+    A broken chain is logged at ERROR level and recorded as `audit.broken`.
+    """
+    who = Actor.of(actor)
+    run = AuditVerification.objects.create(
+        source=source, requested_by=who.username, started_at=timezone.now()
+    )
+    try:
+        result = check_chain()
+    except Exception as exc:
+        AuditVerification.objects.filter(pk=run.pk).update(
+            status=VerificationStatus.FAILED, finished_at=timezone.now(), reason=str(exc)[:2000]
+        )
+        log.exception("audit chain verification %s failed to run", run.pk)
+        raise
+    status = VerificationStatus.OK if result.ok else VerificationStatus.BROKEN
+    with transaction.atomic():
+        AuditVerification.objects.filter(pk=run.pk).update(
+            status=status,
+            finished_at=timezone.now(),
+            checked=result.checked,
+            unsealed=result.unsealed,
+            first_broken_id=result.first_broken_id,
+            reason=result.reason,
+        )
+        record_event(
+            action=AuditAction.AUDIT_VERIFIED if result.ok else AuditAction.AUDIT_BROKEN,
+            actor=who,
+            request=request,
+            object_type="compliance.auditverification",
+            object_id=run.pk,
+            details={
+                "checked": result.checked,
+                "unsealed": result.unsealed,
+                "first_broken_id": result.first_broken_id,
+                "reason": result.reason,
+                "source": str(source),
+            },
+        )
+    if not result.ok:
+        log.error(
+            "AUDIT CHAIN BROKEN at event %s: %s (checked %s)",
+            result.first_broken_id,
+            result.reason,
+            result.checked,
+        )
+    run.refresh_from_db()
+    return run
+
+
+def total_event_count() -> int:
+    """Exact number of audit events without scanning the table.
+
+    Events are never deleted, so all of them are the sealed ones (the head's seq) plus the
+    unsealed ones (a partial index, small while the sealer keeps up). One statement, one
+    snapshot: a seal committing meanwhile cannot make us count a row twice or not at all.
+    """
+    quote = connection.ops.quote_name
+    events = quote(AuditEvent._meta.db_table)
+    heads = quote(AuditChainHead._meta.db_table)
+    # Identifiers from our own models only, no values.
+    sql = (
+        f"SELECT COALESCE((SELECT {quote('last_seq')} FROM {heads} WHERE {quote('id')} = 1), 0)"  # noqa: S608
+        f" + (SELECT COUNT(*) FROM {events} WHERE {quote('seq')} IS NULL)"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql)
+        return int(cursor.fetchone()[0])

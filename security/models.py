@@ -1,0 +1,54 @@
+import uuid
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractUser
+from django.db import models
+
+from security.choices import FamilyRevocation
+
+
+class User(AbstractUser):
+    """Bridge's user: Django's own plus a token version that revokes access tokens at once.
+
+    Every access token carries the version current when it was issued; bumping it (logout,
+    refresh-token theft) makes all of them fail on the next request, with no extra query since
+    the authenticator loads the user anyway.
+    """
+
+    token_version = models.PositiveIntegerField(default=0)
+
+    def has_role(self, role: str) -> bool:
+        if not self.is_active:
+            return False
+        if self.is_superuser:
+            return True
+        return self.groups.filter(name=role).exists()
+
+
+class TokenFamily(models.Model):
+    """All refresh tokens descending from one login (RFC 9700 refresh-token reuse detection).
+
+    Rotation keeps the family; presenting a rotated token again revokes the whole family.
+    """
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="token_families"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_refreshed_at = models.DateTimeField(null=True, blank=True)
+    refresh_count = models.PositiveIntegerField(default=0)
+    client_ip = models.GenericIPAddressField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    revoked_reason = models.CharField(max_length=32, choices=FamilyRevocation.choices, blank=True)
+
+    class Meta:
+        verbose_name_plural = "token families"
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.user} {self.id}"
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None

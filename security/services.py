@@ -1,0 +1,212 @@
+"""Authentication services: login, refresh with reuse detection, logout.
+
+The API views and the admin are thin callers of these functions; each runs in one transaction
+and leaves one audit event.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from django.contrib.auth import authenticate
+from django.db import transaction
+from django.db.models import F, QuerySet
+from django.http import HttpRequest
+from django.utils import timezone
+from rest_framework_simplejwt.exceptions import TokenBackendError
+from rest_framework_simplejwt.settings import api_settings as jwt_settings
+from rest_framework_simplejwt.token_blacklist.models import BlacklistedToken, OutstandingToken
+from rest_framework_simplejwt.tokens import RefreshToken
+
+from compliance.choices import AuditAction
+from compliance.services import Actor, record_event
+from security.choices import FamilyRevocation
+from security.ip import client_ip
+from security.lockout import retry_after_seconds
+from security.models import TokenFamily, User
+
+log = logging.getLogger(__name__)
+
+
+class AuthError(Exception):
+    """A refusal the API turns into 401 (or 429 for lockouts), with a stable code."""
+
+    status = 401
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class LockedOut(AuthError):
+    status = 429
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(
+            "Too many failed login attempts; this account is locked for this address.",
+            "locked_out",
+        )
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class TokenPair:
+    access: str
+    refresh: str
+
+
+def _issue(user: User, family: TokenFamily) -> TokenPair:
+    refresh = RefreshToken.for_user(user)
+    refresh["fam"] = str(family.pk)
+    refresh["ver"] = user.token_version
+    return TokenPair(access=str(refresh.access_token), refresh=str(refresh))
+
+
+def login(*, request: HttpRequest, username: str, password: str) -> TokenPair:
+    """Check credentials through axes and Django, and open a new refresh-token family.
+
+    A failure is recorded by the `user_login_failed` receiver (axes counts it there too).
+    """
+    user = authenticate(request=request, username=username, password=password)
+    if getattr(request, "axes_locked_out", False):
+        raise LockedOut(retry_after_seconds(request))
+    if user is None:
+        raise AuthError("Invalid username or password.", "invalid_credentials")
+    with transaction.atomic():
+        family = TokenFamily.objects.create(user=user, client_ip=client_ip(request))
+        pair = _issue(user, family)
+        record_event(
+            action=AuditAction.LOGIN_SUCCEEDED,
+            actor=user,
+            request=request,
+            object_type="security.tokenfamily",
+            object_id=family.pk,
+            details={"channel": "api"},
+        )
+    return pair
+
+
+def _decode_refresh(raw: str) -> dict:
+    try:
+        payload = jwt_settings.TOKEN_BACKEND.decode(raw, verify=True)
+    except TokenBackendError as exc:
+        raise AuthError("Refresh token is invalid or expired.", "token_not_valid") from exc
+    if payload.get(jwt_settings.TOKEN_TYPE_CLAIM) != "refresh" or not payload.get("fam"):
+        raise AuthError("Not a refresh token.", "token_not_valid")
+    return payload
+
+
+def refresh(*, request: HttpRequest, refresh_token: str) -> TokenPair:
+    """Rotate a refresh token; presenting an already-rotated one revokes its whole family.
+
+    The family row is locked first, so two refreshes of one token run one after the other:
+    the first rotates, the second finds the token spent and is treated as reuse (RFC 9700).
+    Reuse also bumps the user's token version, so access tokens already handed out stop
+    working at once.
+    """
+    payload = _decode_refresh(refresh_token)
+    jti = payload[jwt_settings.JTI_CLAIM]
+    reused = False
+    with transaction.atomic():
+        family = (
+            TokenFamily.objects.select_for_update()
+            .select_related("user")
+            .filter(pk=payload["fam"])
+            .first()
+        )
+        if family is None or str(family.user_id) != str(payload.get(jwt_settings.USER_ID_CLAIM)):
+            raise AuthError("Refresh token is invalid or expired.", "token_not_valid")
+        user = family.user
+        if family.revoked_at is not None:
+            raise AuthError("This session has been revoked.", "token_revoked")
+        if not user.is_active:
+            raise AuthError("User is inactive.", "user_inactive")
+        if BlacklistedToken.objects.filter(token__jti=jti).exists():
+            reused = True
+            _revoke_families(
+                TokenFamily.objects.filter(pk=family.pk), FamilyRevocation.REUSE_DETECTED
+            )
+            User.objects.filter(pk=user.pk).update(token_version=F("token_version") + 1)
+            record_event(
+                action=AuditAction.TOKEN_REUSE_DETECTED,
+                actor=user,
+                request=request,
+                object_type="security.tokenfamily",
+                object_id=family.pk,
+                details={"jti": jti, "refreshes_before_reuse": family.refresh_count},
+            )
+        else:
+            outstanding, _ = OutstandingToken.objects.get_or_create(
+                jti=jti,
+                defaults={
+                    "user": user,
+                    "token": refresh_token,
+                    "expires_at": timezone.now(),
+                },
+            )
+            BlacklistedToken.objects.create(token=outstanding)
+            TokenFamily.objects.filter(pk=family.pk).update(
+                last_refreshed_at=timezone.now(), refresh_count=F("refresh_count") + 1
+            )
+            pair = _issue(user, family)
+            record_event(
+                action=AuditAction.TOKEN_REFRESHED,
+                actor=user,
+                request=request,
+                object_type="security.tokenfamily",
+                object_id=family.pk,
+            )
+    if reused:
+        log.warning("refresh token reuse detected for user %s, family revoked", user.pk)
+        raise AuthError(
+            "Refresh token reuse detected; every token of this session is revoked.",
+            "token_reused",
+        )
+    return pair
+
+
+def _revoke_families(families: QuerySet[TokenFamily], reason: FamilyRevocation) -> int:
+    revoked = families.filter(revoked_at__isnull=True).update(
+        revoked_at=timezone.now(), revoked_reason=reason
+    )
+    return revoked
+
+
+def logout(*, request: HttpRequest | None, user: User) -> int:
+    """Revoke all of the user's refresh tokens and, via the token version, access tokens."""
+    with transaction.atomic():
+        User.objects.filter(pk=user.pk).update(token_version=F("token_version") + 1)
+        families = _revoke_families(TokenFamily.objects.filter(user=user), FamilyRevocation.LOGOUT)
+        outstanding = OutstandingToken.objects.filter(user=user, blacklistedtoken__isnull=True)
+        BlacklistedToken.objects.bulk_create(
+            [BlacklistedToken(token=token) for token in outstanding], ignore_conflicts=True
+        )
+        record_event(
+            action=AuditAction.LOGOUT,
+            actor=Actor.of(user),
+            request=request,
+            object_type="security.user",
+            object_id=user.pk,
+            details={"families_revoked": families},
+        )
+    return families
+
+
+def revoke_sessions(*, request: HttpRequest | None, families: QuerySet[TokenFamily]) -> int:
+    """An administrator ends chosen sessions: their refresh tokens die, and the owners'
+    access tokens too (the version is per user, so their other sessions must refresh)."""
+    with transaction.atomic():
+        chosen = list(families.filter(revoked_at__isnull=True).values_list("pk", "user_id"))
+        ids = [pk for pk, _ in chosen]
+        users = sorted({user_id for _, user_id in chosen})
+        revoked = _revoke_families(TokenFamily.objects.filter(pk__in=ids), FamilyRevocation.ADMIN)
+        User.objects.filter(pk__in=users).update(token_version=F("token_version") + 1)
+        record_event(
+            action=AuditAction.SESSIONS_REVOKED,
+            actor=getattr(request, "user", None),
+            request=request,
+            object_type="security.tokenfamily",
+            details={"families": [str(pk) for pk in ids], "users": users},
+        )
+    return revoked
