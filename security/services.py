@@ -16,6 +16,7 @@ from django.http import HttpRequest
 from django.utils import timezone
 from rest_framework_simplejwt.exceptions import TokenBackendError
 from rest_framework_simplejwt.settings import api_settings as jwt_settings
+from rest_framework_simplejwt.state import token_backend
 from rest_framework_simplejwt.token_blacklist.models import BlacklistedToken, OutstandingToken
 from rest_framework_simplejwt.tokens import RefreshToken
 
@@ -89,7 +90,7 @@ def login(*, request: HttpRequest, username: str, password: str) -> TokenPair:
 
 def _decode_refresh(raw: str) -> dict:
     try:
-        payload = jwt_settings.TOKEN_BACKEND.decode(raw, verify=True)
+        payload = token_backend.decode(raw, verify=True)
     except TokenBackendError as exc:
         raise AuthError("Refresh token is invalid or expired.", "token_not_valid") from exc
     if payload.get(jwt_settings.TOKEN_TYPE_CLAIM) != "refresh" or not payload.get("fam"):

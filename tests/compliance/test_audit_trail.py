@@ -1,0 +1,330 @@
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from django.db import DatabaseError, connection, transaction
+from django.test import override_settings
+from rest_framework.test import APIClient
+
+from compliance import services
+from compliance.models import AuditEvent, AuditVerification
+from tests.conftest import PASSWORD, bypass_triggers, make_user, need, on_postgres
+from tests.http import call
+
+EVENTS = "/api/compliance/audit/events"
+VERIFY = "/api/compliance/audit/verify"
+LOG = "/api/compliance/audit/log"
+
+
+def _request_events(path: str) -> list[AuditEvent]:
+    return list(AuditEvent.objects.filter(action="api.request", path=path).order_by("id"))
+
+
+@pytest.mark.django_db
+def test_jwt_requests_are_recorded_with_the_actor_by_name(compliance_api):
+    response = compliance_api.get(EVENTS, {"page_size": 5}, HTTP_X_REQUEST_ID="req-42")
+    assert response.status_code == 200
+    [event] = _request_events(EVENTS)
+    assert (event.actor_username, event.method, event.status_code) == ("carla", "GET", 200)
+    assert event.request_id == "req-42" == response["X-Request-ID"]
+    assert event.client_ip == "127.0.0.1"
+    assert event.latency_ms > 0
+    assert event.details_data["query"] == {"page_size": "5"}
+
+
+@pytest.mark.django_db
+def test_401_403_and_404_are_recorded(anon_api, outsider_api):
+    assert anon_api.get(EVENTS).status_code == 401
+    assert outsider_api.get(EVENTS).status_code == 403
+    assert outsider_api.get("/api/compliance/nothing-here").status_code == 404
+    statuses = [(e.actor_username, e.status_code) for e in _request_events(EVENTS)]
+    assert statuses == [("", 401), ("otto", 403)]
+    assert _request_events("/api/compliance/nothing-here")[0].status_code == 404
+
+
+@pytest.mark.django_db
+def test_500_is_recorded_and_answered_in_json(compliance_api, monkeypatch):
+    def explode(**kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(services, "verify_chain", explode)
+    compliance_api.raise_request_exception = False
+    response = compliance_api.get(VERIFY)
+    assert response.status_code == 500
+    assert response.json()["detail"] == "Internal server error."
+    assert _request_events(VERIFY)[0].status_code == 500
+
+
+@pytest.mark.django_db
+@override_settings(ENABLE_AUDIT_LOGGING=False)
+def test_request_logging_can_be_switched_off(compliance_api):
+    compliance_api.get(EVENTS)
+    assert _request_events(EVENTS) == []
+
+
+@pytest.mark.django_db
+def test_custom_event_is_recorded_under_custom_with_secrets_redacted(operator_api):
+    response = operator_api.post(
+        LOG,
+        {
+            "action": "maintenance.window",
+            "object_type": "service",
+            "object_id": "db-1",
+            "details": {"note": "patching", "api_key": "sk-live-123", "nested": {"password": "x"}},
+        },
+        format="json",
+    )
+    assert response.status_code == 201
+    body = response.json()
+    assert body["action"] == "custom.maintenance.window"
+    assert body["details"] == {
+        "note": "patching",
+        "api_key": "[REDACTED]",
+        "nested": {"password": "[REDACTED]"},
+    }
+    stored = "".join(AuditEvent.objects.values_list("details", flat=True))
+    assert "sk-live-123" not in stored
+
+
+@pytest.mark.django_db
+def test_custom_event_with_a_bad_action_name_is_400_naming_the_field(operator_api):
+    response = operator_api.post(LOG, {"action": "Auth Login!"}, format="json")
+    assert response.status_code == 400
+    assert "action" in response.json()
+
+
+@pytest.mark.django_db
+def test_event_list_filters_and_counts(compliance_api, operator_api, compliance_officer):
+    # given
+    operator_api.post(LOG, {"action": "one"}, format="json")
+    operator_api.post(LOG, {"action": "two"}, format="json")
+    # when / then
+    custom = compliance_api.get(EVENTS, {"action": "custom.one"}).json()
+    assert custom["count"] == 1 and custom["results"][0]["actor_username"] == "olivia"
+    by_actor = compliance_api.get(EVENTS, {"actor": "olivia", "page_size": 2}).json()
+    assert by_actor["count"] == AuditEvent.objects.filter(actor_username="olivia").count()
+    assert len(by_actor["results"]) == 2 and by_actor["next"]
+    everything = compliance_api.get(EVENTS, {"page_size": 1}).json()
+    # the listing request's own event is written after its response was built
+    assert everything["count"] == AuditEvent.objects.count() - 1
+    future = compliance_api.get(EVENTS, {"from": "2999-01-01T00:00:00Z"}).json()
+    assert future["count"] == 0
+
+
+@pytest.mark.django_db
+def test_event_list_with_a_bad_date_is_400_naming_the_field(compliance_api):
+    response = compliance_api.get(EVENTS, {"from": "yesterday"})
+    assert response.status_code == 400
+    assert "from" in response.json()
+
+
+@pytest.mark.django_db
+def test_sealed_chain_verifies_over_the_api(compliance_api):
+    compliance_api.get(EVENTS)
+    services.seal_all_pending()
+    body = compliance_api.get(VERIFY).json()
+    assert body["ok"] is True
+    assert body["checked"] == AuditEvent.objects.filter(seq__isnull=False).count() > 0
+    assert body["first_broken_id"] is None
+    assert AuditVerification.objects.get(pk=body["verification_id"]).status == "ok"
+
+
+@pytest.mark.django_db
+def test_verification_reports_events_not_sealed_yet(compliance_api):
+    services.seal_all_pending()
+    services.record_event(action="custom.late")
+    body = compliance_api.get(VERIFY).json()
+    assert body["ok"] is True and body["unsealed"] >= 1
+
+
+@pytest.mark.django_db
+def test_a_tampered_row_is_found_and_named(compliance_api):
+    # given a sealed chain of several events
+    for n in range(5):
+        services.record_event(action=f"custom.e{n}", details={"n": n})
+    services.seal_all_pending()
+    target = AuditEvent.objects.get(action="custom.e2")
+    # when someone with database rights rewrites it
+    bypass_triggers(
+        "UPDATE compliance_auditevent SET details = %s WHERE id = %s", ['{"n":99}', target.pk]
+    )
+    # then
+    body = compliance_api.get(VERIFY).json()
+    assert body["ok"] is False
+    assert body["first_broken_id"] == target.pk
+    assert AuditEvent.objects.filter(action="audit.broken").exists()
+
+
+@pytest.mark.django_db
+def test_a_removed_row_is_found(compliance_api):
+    for n in range(5):
+        services.record_event(action=f"custom.e{n}")
+    services.seal_all_pending()
+    victim = AuditEvent.objects.get(action="custom.e2")
+    after = AuditEvent.objects.get(action="custom.e3")
+    bypass_triggers("DELETE FROM compliance_auditevent WHERE id = %s", [victim.pk])
+    body = compliance_api.get(VERIFY).json()
+    assert (body["ok"], body["first_broken_id"]) == (False, after.pk)
+
+
+@pytest.mark.django_db
+def test_removing_the_newest_sealed_rows_is_found(compliance_api):
+    for n in range(3):
+        services.record_event(action=f"custom.e{n}")
+    services.seal_all_pending()
+    last = AuditEvent.objects.filter(seq__isnull=False).order_by("-seq").first()
+    bypass_triggers("DELETE FROM compliance_auditevent WHERE id = %s", [last.pk])
+    body = compliance_api.get(VERIFY).json()
+    assert (body["ok"], body["first_broken_id"]) == (False, last.pk)
+
+
+@pytest.mark.django_db
+def test_verify_command_exits_1_naming_the_broken_event(python):
+
+    services.record_event(action="custom.a")
+    services.seal_all_pending()
+    event = AuditEvent.objects.get(action="custom.a")
+    bypass_triggers(
+        "UPDATE compliance_auditevent SET actor_username = 'mallory' WHERE id = %s", [event.pk]
+    )
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    with pytest.raises(CommandError) as failure:
+        call_command("verify_audit_chain")
+    assert failure.value.returncode == 1
+    assert f"event id {event.pk}" in str(failure.value)
+
+
+@pytest.mark.django_db
+def test_verify_command_succeeds_on_an_intact_chain(capsys):
+    from django.core.management import call_command
+
+    services.record_event(action="custom.a")
+    call_command("verify_audit_chain", "--seal")
+    assert "audit chain intact: " in capsys.readouterr().out
+
+
+@pytest.mark.django_db
+def test_admin_changes_are_recorded(admin_user, operator):
+    client = APIClient()
+    client.force_login(admin_user)
+    response = client.post(
+        f"/admin/security/user/{operator.pk}/change/",
+        {
+            "username": "olivia",
+            "is_active": "on",
+            "email": "olivia@example.org",
+            "date_joined_0": "2026-01-01",
+            "date_joined_1": "00:00:00",
+            "groups": [g.pk for g in operator.groups.all()],
+        },
+    )
+    assert response.status_code == 302, response.content[:2000]
+    event = AuditEvent.objects.get(action="admin.change")
+    assert event.actor_username == "root"
+    assert event.object_type == "security.user" and event.object_id == str(operator.pk)
+    assert event.details_data["operation"] == "change"
+
+
+@pytest.mark.django_db
+def test_admin_logins_are_recorded(operator):
+    operator.is_staff = True
+    operator.save()
+    client = APIClient()
+    client.post("/admin/login/?next=/admin/", {"username": "olivia", "password": "bad"})
+    client.post("/admin/login/?next=/admin/", {"username": "olivia", "password": PASSWORD})
+    actions = list(AuditEvent.objects.order_by("id").values_list("action", flat=True))
+    assert actions == ["auth.login.failed", "auth.login.succeeded"]
+
+
+# --- PostgreSQL: the database itself refuses rewriting history ------------------------------
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "UPDATE compliance_auditevent SET action = 'x'",
+        "DELETE FROM compliance_auditevent",
+        "TRUNCATE compliance_auditevent",
+    ],
+)
+def test_postgres_refuses_update_delete_and_truncate_of_audit_events(postgres, sql):
+    services.record_event(action="custom.keep")
+    services.seal_all_pending()
+    with pytest.raises(DatabaseError, match="append-only"), transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute(sql)
+    assert AuditEvent.objects.filter(action="custom.keep").exists()
+
+
+@pytest.mark.django_db
+def test_postgres_refuses_resealing_a_sealed_event(postgres):
+    services.record_event(action="custom.keep")
+    services.seal_all_pending()
+    with pytest.raises(DatabaseError), transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("UPDATE compliance_auditevent SET hash = repeat('a', 64)")
+
+
+@pytest.mark.django_db
+def test_postgres_refuses_changing_content_while_sealing(postgres):
+    services.record_event(action="custom.keep")
+    with pytest.raises(DatabaseError), transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "UPDATE compliance_auditevent SET seq = 1, prev_hash = 'x', hash = 'y',"
+                " action = 'custom.forged'"
+            )
+
+
+# --- Concurrency through a real gunicorn with two workers ----------------------------------
+
+
+def test_20_concurrent_requests_leave_a_chain_that_verifies(server):
+    # given
+    make_user("carla", "compliance_officer")
+    token = call(
+        "POST", f"{server}/api/security/auth/login", {"username": "carla", "password": PASSWORD}
+    ).body["access"]
+    before = AuditEvent.objects.count()
+
+    # when 20 requests run at once while sealers race each other
+    def fire(n: int) -> int:
+        if n % 5 == 0:
+            services.seal_all_pending()
+            connection.close()
+        return call("GET", f"{server}{EVENTS}?page_size=3", token=token).status
+
+    with ThreadPoolExecutor(20) as pool:
+        statuses = list(pool.map(fire, range(20)))
+
+    # then every request is recorded once and the chain holds all of them, in one line
+    assert statuses == [200] * 20
+    assert AuditEvent.objects.count() == before + 20
+    services.seal_all_pending()
+    result = services.check_chain()
+    assert (result.ok, result.unsealed) == (True, 0)
+    assert result.checked == AuditEvent.objects.count()
+    seqs = sorted(AuditEvent.objects.values_list("seq", flat=True))
+    assert seqs == list(range(1, len(seqs) + 1))
+
+
+def test_concurrent_sealers_never_fork_the_chain(postgres, transactional_db):
+    need(on_postgres(), "needs PostgreSQL")
+    for n in range(300):
+        services.record_event(action=f"custom.n{n % 7}")
+
+    def seal(_: int) -> int:
+        try:
+            return services.seal_pending_events(batch=37)
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(6) as pool:
+        while AuditEvent.objects.filter(seq__isnull=True).exists():
+            list(pool.map(seal, range(6)))
+    result = services.check_chain()
+    assert (result.ok, result.checked) == (True, 300)

@@ -1,0 +1,239 @@
+"""Personas, authenticated API clients and the real-server fixtures shared by every test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from django.contrib.auth.models import Group
+from django.db import connection
+from rest_framework.test import APIClient
+
+from security.choices import Role
+from security.models import User
+
+ROOT = Path(__file__).resolve().parent.parent
+PASSWORD = "Correct-Horse-Battery-42"
+REQUIRE_SERVICES = os.environ.get("BRIDGE_REQUIRE_SERVICES") == "1"
+
+
+def need(condition: bool, reason: str) -> None:
+    """Skip when a real service is missing; under BRIDGE_REQUIRE_SERVICES=1, fail instead."""
+    if condition:
+        return
+    if REQUIRE_SERVICES:
+        pytest.fail(f"required service missing: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def on_postgres() -> bool:
+    return connection.vendor == "postgresql"
+
+
+@pytest.fixture
+def postgres() -> None:
+    need(on_postgres(), "needs PostgreSQL (set DATABASE_URL)")
+
+
+# pytest-django empties tables between transactional tests with TRUNCATE, which the audit
+# table's trigger refuses (as it should in production). Tests run as the postgres superuser,
+# who may switch ordinary triggers off for its own session while flushing.
+def _patch_flush() -> None:
+    from django.db.backends.postgresql.operations import DatabaseOperations
+
+    original = DatabaseOperations.execute_sql_flush
+
+    def execute_sql_flush(self: DatabaseOperations, sql_list: list[str]) -> None:
+        with self.connection.cursor() as cursor:
+            cursor.execute("SET session_replication_role = replica")
+        try:
+            original(self, sql_list)
+        finally:
+            with self.connection.cursor() as cursor:
+                cursor.execute("SET session_replication_role = DEFAULT")
+
+    DatabaseOperations.execute_sql_flush = execute_sql_flush
+
+
+_patch_flush()
+
+
+def bypass_triggers(sql: str, params: list | None = None) -> None:
+    """Run SQL as a superuser with triggers off: how an attacker with DBA rights tampers."""
+    with connection.cursor() as cursor:
+        if on_postgres():
+            cursor.execute("SET session_replication_role = replica")
+        try:
+            cursor.execute(sql, params)
+        finally:
+            if on_postgres():
+                cursor.execute("SET session_replication_role = DEFAULT")
+
+
+def make_user(username: str, *roles: Role, superuser: bool = False) -> User:
+    if superuser:
+        user = User.objects.create_superuser(username=username, password=PASSWORD, email="")
+    else:
+        user = User.objects.create_user(username=username, password=PASSWORD)
+    for role in roles:
+        user.groups.add(Group.objects.get(name=role))
+    return user
+
+
+@pytest.fixture
+def admin_user(db) -> User:
+    return make_user("root", superuser=True)
+
+
+@pytest.fixture
+def operator(db) -> User:
+    return make_user("olivia", Role.OPERATOR)
+
+
+@pytest.fixture
+def security_officer(db) -> User:
+    return make_user("sam", Role.SECURITY_OFFICER)
+
+
+@pytest.fixture
+def compliance_officer(db) -> User:
+    return make_user("carla", Role.COMPLIANCE_OFFICER)
+
+
+@pytest.fixture
+def outsider(db) -> User:
+    return make_user("otto")
+
+
+def login(client: APIClient, username: str, password: str = PASSWORD) -> dict:
+    response = client.post(
+        "/api/security/auth/login", {"username": username, "password": password}, format="json"
+    )
+    assert response.status_code == 200, response.content
+    return response.json()
+
+
+def client_for(user: User) -> APIClient:
+    client = APIClient()
+    tokens = login(client, user.username)
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {tokens['access']}")
+    client.tokens = tokens
+    return client
+
+
+@pytest.fixture
+def admin_api(admin_user) -> APIClient:
+    return client_for(admin_user)
+
+
+@pytest.fixture
+def operator_api(operator) -> APIClient:
+    return client_for(operator)
+
+
+@pytest.fixture
+def compliance_api(compliance_officer) -> APIClient:
+    return client_for(compliance_officer)
+
+
+@pytest.fixture
+def outsider_api(outsider) -> APIClient:
+    return client_for(outsider)
+
+
+@pytest.fixture
+def anon_api() -> APIClient:
+    return APIClient()
+
+
+# --- Real processes against the test database ---------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def database_url_of_tests() -> str:
+    settings = connection.settings_dict
+    user = settings.get("USER") or "postgres"
+    host = settings.get("HOST") or "127.0.0.1"
+    port = settings.get("PORT") or 5432
+    return f"postgres://{user}@{host}:{port}/{settings['NAME']}"
+
+
+def process_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["DATABASE_URL"] = database_url_of_tests()
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def gunicorn_server(django_db_setup, django_db_blocker) -> Iterator[str]:
+    """Bridge under gunicorn, two workers as in production, on the test database."""
+    with django_db_blocker.unblock():
+        if connection.vendor != "postgresql":
+            yield ""
+            return
+        env = process_env()
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            str(ROOT / ".venv/bin/gunicorn"),
+            "bridge.wsgi:application",
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "2",
+            "--worker-class",
+            "gthread",
+            "--threads",
+            "8",
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/health/live", timeout=1)
+            break
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.2)
+    else:
+        process.kill()
+        raise RuntimeError("gunicorn did not start")
+    yield url
+    process.terminate()
+    process.wait(timeout=15)
+
+
+@pytest.fixture
+def server(postgres, gunicorn_server, transactional_db) -> str:
+    return gunicorn_server
+
+
+@pytest.fixture
+def chromium() -> str:
+    path = shutil.which("chromium") or "/usr/bin/chromium"
+    need(Path(path).exists(), "needs Debian's chromium at /usr/bin/chromium")
+    return path
+
+
+@pytest.fixture
+def python() -> str:
+    return sys.executable
