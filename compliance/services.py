@@ -8,6 +8,7 @@ which means concurrent writers never contend on a lock and the chain can never f
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -29,6 +30,7 @@ from compliance.choices import (
     VerificationStatus,
 )
 from compliance.models import AuditChainHead, AuditEvent, AuditVerification
+from security.ip import client_ip
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +126,8 @@ class Actor:
         return cls(id=user.pk, username=user.get_username())
 
 
-def _insert_sql() -> str:
+@functools.cache
+def _insert_sql(vendor: str) -> str:
     quote = connection.ops.quote_name
     columns = ", ".join(quote(column) for column in _INSERT_COLUMNS)
     marks = ", ".join(["%s"] * len(_INSERT_COLUMNS))
@@ -154,8 +157,6 @@ def record_event(
     Runs in the caller's transaction, so a service's change and its event commit together.
     Details are redacted here, whoever calls, so no caller can leak a secret into the trail.
     """
-    from security.ip import client_ip
-
     who = actor if isinstance(actor, Actor) else Actor.of(actor)
     if request is None:
         request = current_request.get()
@@ -175,7 +176,7 @@ def record_event(
         canonical_json(redact(details or {})),
     )
     with connection.cursor() as cursor:
-        cursor.execute(_insert_sql(), values)
+        cursor.execute(_insert_sql(connection.vendor), values)
         return cursor.fetchone()[0]
 
 

@@ -23,7 +23,7 @@ def check_database() -> str | None:
     return None
 
 
-def check_broker(timeout: float = 2.0) -> str | None:
+def check_broker(timeout: float = 1.0) -> str | None:
     """None when the Celery broker accepts a connection, else a short reason."""
     try:
         with Connection(

@@ -3,3 +3,6 @@ from django.apps import AppConfig
 
 class SecurityConfig(AppConfig):
     name = "security"
+
+    def ready(self) -> None:
+        from security import schema  # noqa: F401  (registers the OpenAPI bearer scheme)

@@ -28,7 +28,7 @@ class Command(BaseCommand):
                 actor=user,
                 object_type="security.user",
                 object_id=user.pk,
-                details={"created": True, "password_generated": generated},
+                details={"created": True, "generated": generated},
             )
             if generated:
                 # Printed to the operator's terminal once; it is never logged or stored.

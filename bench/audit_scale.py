@@ -1,0 +1,128 @@
+"""How the audit trail behaves at a million events: console pages, API list, sealer, verifier.
+
+Measures each console/API page with a small table (the baseline) and again after growing the
+table to --events rows, in the same run, and prints the ratio. Also prints the sealer's and the
+verifier's throughput (events/s) on the large table.
+
+Usage: .venv/bin/python bench/audit_scale.py [--events 1000000]
+Needs PostgreSQL on 127.0.0.1:5432 (user postgres). Uses (and recreates) database bridge_scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DB_NAME = "bridge_scale"
+PG = "postgres://postgres@127.0.0.1:5432"
+os.environ["DATABASE_URL"] = f"{PG}/{DB_NAME}"
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "bridge.settings")
+os.environ.update(DEBUG="false", SECRET_KEY="bench-" + "k" * 40, ALLOWED_HOSTS="testserver")
+sys.path.insert(0, str(ROOT))
+
+PAGES = {
+    "console list, page 1": "/admin/compliance/auditevent/",
+    "console list, page 100": "/admin/compliance/auditevent/?p=100",
+    "console filter by action": "/admin/compliance/auditevent/?action=auth.login.failed",
+    "console search by username": "/admin/compliance/auditevent/?q=user7",
+    "console dashboard": "/admin/",
+    "API list, page size 10": "/api/compliance/audit/events?page_size=10",
+    "API list filtered by actor": "/api/compliance/audit/events?actor=user7&page_size=10",
+}
+
+
+def sh(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True, text=True)
+
+
+def grow(total: int) -> None:
+    """Insert rows in SQL (fast), spread over 30 days, 100 users and a handful of actions."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            INSERT INTO compliance_auditevent (occurred_at, actor_id, actor_username, client_ip,
+                request_id, action, object_type, object_id, method, path, status_code,
+                latency_ms, details)
+            SELECT now() - (g * interval '2.6 seconds'), NULL, 'user' || (g %% 100),
+                   '10.0.0.1', md5(g::text), (ARRAY['api.request', 'api.request', 'api.request',
+                   'auth.login.succeeded', 'auth.login.failed'])[1 + g %% 5], '', '',
+                   'GET', '/api/compliance/audit/events', 200, 3.5, '{"n":' || g || '}'
+            FROM generate_series(1, %s) AS g
+            """,
+            [total],
+        )
+        cursor.execute("ANALYZE compliance_auditevent")
+
+
+def time_pages(client: object, repeat: int = 7) -> dict[str, float]:
+    timings = {}
+    for label, url in PAGES.items():
+        samples = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            response = client.get(url)
+            samples.append((time.perf_counter() - started) * 1000)
+            assert response.status_code == 200, (url, response.status_code)
+        timings[label] = statistics.median(samples)
+    return timings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--baseline-events", type=int, default=10_000)
+    args = parser.parse_args()
+
+    sh("psql", f"{PG}/postgres", "-qc", f"DROP DATABASE IF EXISTS {DB_NAME}")
+    sh("psql", f"{PG}/postgres", "-qc", f"CREATE DATABASE {DB_NAME}")
+    sh(str(ROOT / ".venv/bin/python"), str(ROOT / "manage.py"), "migrate", "--noinput", "-v0")
+    import django
+
+    django.setup()
+    from django.test import Client
+    from django.test.utils import override_settings
+
+    from compliance.services import check_chain, seal_all_pending
+    from security.models import User
+
+    admin = User.objects.create_superuser("root", password="Bench-Password-123", email="")
+    client = Client()
+    client.force_login(admin)
+
+    with override_settings(ENABLE_AUDIT_LOGGING=False):
+        grow(args.baseline_events)
+        seal_all_pending()
+        small = time_pages(client)
+
+        grow(args.events - args.baseline_events)
+        started = time.perf_counter()
+        sealed = seal_all_pending()
+        seal_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        result = check_chain()
+        verify_seconds = time.perf_counter() - started
+        large = time_pages(client)
+
+    print(f"{'page':32} {args.baseline_events:>10,} rows {args.events:>10,} rows   ratio")
+    for label in PAGES:
+        ratio = large[label] / small[label]
+        print(f"{label:32} {small[label]:11.1f} ms {large[label]:11.1f} ms {ratio:7.2f}")
+    print()
+    rate = sealed / seal_seconds
+    print(f"sealer:   {sealed:,} events in {seal_seconds:.1f} s = {rate:,.0f} events/s")
+    print(
+        f"verifier: {result.checked:,} events in {verify_seconds:.1f} s = "
+        f"{result.checked / verify_seconds:,.0f} events/s, ok={result.ok}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""The sealing task, end to end: published to the real broker, run by a real Celery worker."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from bridge.celery import app
+from compliance import services
+from compliance.models import AuditEvent
+from compliance.tasks import seal_audit_chain_task
+from tests.conftest import ROOT, process_env
+
+SEAL_TIMEOUT = 60
+EVENTS = 5
+
+
+@pytest.fixture
+def worker_queue(postgres, transactional_db, tmp_path, monkeypatch) -> Iterator[str]:
+    """A Celery worker in its own process, consuming only a queue no other worker knows."""
+    # Publish for real even if the environment asks for eager tasks.
+    monkeypatch.setitem(app.conf, "task_always_eager", False)
+    queue = f"bridge-test-{uuid.uuid4().hex[:12]}"
+    env = process_env(CELERY_TASK_ALWAYS_EAGER="false")
+    log = (tmp_path / "worker.log").open("w")
+    worker = subprocess.Popen(
+        [
+            str(ROOT / ".venv/bin/celery"),
+            "-A",
+            "bridge",
+            "worker",
+            "--loglevel",
+            "WARNING",
+            "--concurrency",
+            "1",
+            "-Q",
+            queue,
+            "--hostname",
+            f"{queue}@%h",
+            "--without-heartbeat",
+            "--without-gossip",
+            "--without-mingle",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        yield queue
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait(timeout=10)
+        log.close()
+
+
+def _wait_until_sealed(deadline: float) -> int:
+    pending = AuditEvent.objects.filter(seq__isnull=True).count()
+    while pending and time.monotonic() < deadline:
+        time.sleep(0.25)
+        pending = AuditEvent.objects.filter(seq__isnull=True).count()
+    return pending
+
+
+def test_a_real_worker_seals_committed_events_into_a_chain_that_verifies(worker_queue, tmp_path):
+    # given committed, unsealed events
+    for n in range(EVENTS):
+        services.record_event(action=f"custom.e2e{n}", details={"n": n})
+    assert AuditEvent.objects.filter(seq__isnull=True).count() == EVENTS
+
+    # when the sealing task goes through the broker to the worker
+    result = seal_audit_chain_task.apply_async(queue=worker_queue)
+    pending = _wait_until_sealed(time.monotonic() + SEAL_TIMEOUT)
+
+    # then
+    log = (tmp_path / "worker.log").read_text()
+    assert pending == 0, f"worker did not seal within {SEAL_TIMEOUT}s; its log:\n{log}"
+    assert type(result).__name__ == "AsyncResult"
+    chain = services.check_chain()
+    assert chain.ok, chain.reason
+    assert (chain.checked, chain.unsealed) == (EVENTS, 0)
+    assert AuditEvent.objects.count() == EVENTS
+    seqs = list(AuditEvent.objects.order_by("id").values_list("seq", flat=True))
+    assert seqs == list(range(1, EVENTS + 1))
