@@ -37,6 +37,7 @@ os.environ.update(DEBUG="false", SECRET_KEY="bench-" + "k" * 40, ALLOWED_HOSTS="
 sys.path.insert(0, str(ROOT))
 
 PATH = "/api/compliance/audit/events?page_size=10"
+SERVER_DB_OPTIONS = ""
 
 
 def sh(*args: str, env: dict | None = None) -> str:
@@ -58,6 +59,7 @@ def free_port() -> int:
 def start_server(audit: bool, port: int, worker_class: str, threads: int) -> subprocess.Popen:
     env = dict(
         os.environ,
+        DATABASE_URL=os.environ["DATABASE_URL"] + SERVER_DB_OPTIONS,
         ENABLE_AUDIT_LOGGING="true" if audit else "false",
         LOG_LEVEL="ERROR",
     )
@@ -138,7 +140,15 @@ def main() -> None:
     parser.add_argument("--seed-events", type=int, default=20000)
     parser.add_argument("--worker-class", default="gthread")
     parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument(
+        "--diagnose-async-commit",
+        action="store_true",
+        help="diagnostic only: servers commit without waiting for the WAL flush (NOT durable)",
+    )
     args = parser.parse_args()
+    if args.diagnose_async_commit:
+        global SERVER_DB_OPTIONS
+        SERVER_DB_OPTIONS = "?options=-c%20synchronous_commit%3Doff"
     if not shutil.which("wrk"):
         sys.exit("wrk is not installed (apt-get install wrk)")
 
@@ -163,6 +173,9 @@ def main() -> None:
     for n in range(args.seed_events):
         record_event(action="custom.seed", actor=user, details={"n": n})
     seal_all_pending()
+    with connection.cursor() as cursor:
+        # Steady state, as autovacuum leaves it: fresh statistics, no dead row versions.
+        cursor.execute("VACUUM ANALYZE compliance_auditevent")
 
     port = free_port()
     results: dict[bool, list[float]] = {False: [], True: []}
@@ -175,7 +188,7 @@ def main() -> None:
             if audit:
                 sealer.start()
             try:
-                wrk(port, token, 2, args.connections)  # warm-up, not counted
+                wrk(port, token, 3, args.connections)  # warm-up, not counted
                 rps, total, errors = wrk(port, token, args.seconds, args.connections)
             finally:
                 stop(server)

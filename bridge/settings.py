@@ -211,6 +211,8 @@ SPECTACULAR_SETTINGS = {
 ENABLE_AUDIT_LOGGING = env_bool("ENABLE_AUDIT_LOGGING", True)
 AUDIT_SEAL_INTERVAL = env_int("AUDIT_SEAL_INTERVAL", 5, minimum=1)
 AUDIT_SEAL_BATCH = env_int("AUDIT_SEAL_BATCH", 5000, minimum=1)
+# Request events of concurrent requests share one INSERT and one commit (compliance/writer.py).
+AUDIT_GROUP_COMMIT = env_bool("AUDIT_GROUP_COMMIT", True)
 
 # --- Celery -------------------------------------------------------------------------------
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL") or "filesystem://"

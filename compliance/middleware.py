@@ -14,7 +14,8 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from compliance.choices import AuditAction
-from compliance.services import current_request, record_event
+from compliance.services import current_request, event_values, record_event
+from compliance.writer import writer
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class AuditMiddleware:
         if audited:
             latency_ms = (time.perf_counter() - started) * 1000
             try:
-                record_event(
+                fields = dict(
                     action=AuditAction.API_REQUEST,
                     actor=getattr(request, "user", None),
                     request=request,
@@ -79,6 +80,10 @@ class AuditMiddleware:
                     latency_ms=latency_ms,
                     details=_request_details(request, body),
                 )
+                if settings.AUDIT_GROUP_COMMIT:
+                    writer.write(event_values(**fields))
+                else:
+                    record_event(**fields)
             except Exception:
                 log.exception(
                     "audit event for request %s could not be recorded", request.request_id

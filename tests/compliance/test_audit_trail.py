@@ -328,3 +328,28 @@ def test_concurrent_sealers_never_fork_the_chain(postgres, transactional_db):
             list(pool.map(seal, range(6)))
     result = services.check_chain()
     assert (result.ok, result.checked) == (True, 300)
+
+
+@pytest.mark.django_db
+def test_event_rendering_matches_drf_field_by_field(compliance_api):
+    # The list serializer renders by hand for speed; it must equal DRF's declared fields.
+    from rest_framework import serializers as drf
+
+    from compliance.api.serializers import AuditEventSerializer
+
+    services.record_event(action="custom.x", details={"a": 1}, status_code=201, latency_ms=2.5)
+    services.seal_all_pending()
+    event = AuditEvent.objects.get(action="custom.x")
+    fast = AuditEventSerializer(event).data
+    slow = drf.ModelSerializer.to_representation(AuditEventSerializer(), event)
+    assert dict(fast) == dict(slow)
+
+
+@pytest.mark.django_db
+def test_total_count_adds_unsealed_events_to_the_sealed_ones():
+    for n in range(3):
+        services.record_event(action=f"custom.s{n}")
+    services.seal_all_pending()
+    for n in range(2):
+        services.record_event(action=f"custom.u{n}")
+    assert services.total_event_count() == 5 == AuditEvent.objects.count()

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import threading
+
+import pytest
+from django.db import connection
+
+from compliance import services
+from compliance.models import AuditEvent
+from compliance.writer import AuditWriteError, AuditWriter
+
+
+def _row(n: int) -> tuple:
+    return services.event_values(action="api.request", path=f"/api/x/{n}", status_code=200)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_writers_each_return_only_after_their_row_is_committed():
+    # given
+    writer = AuditWriter()
+    seen: list[bool] = []
+
+    def write(n: int) -> None:
+        writer.write(_row(n))
+        # the row is visible from this thread's own connection the moment write returns
+        seen.append(AuditEvent.objects.filter(path=f"/api/x/{n}").exists())
+        connection.close()
+
+    # when
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    writer.close()
+    # then
+    assert seen == [True] * 40
+    assert AuditEvent.objects.filter(path__startswith="/api/x/").count() == 40
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_commit_is_reported_to_the_waiting_request_and_the_writer_recovers():
+    writer = AuditWriter()
+    try:
+        with pytest.raises(AuditWriteError):
+            writer.write(_row(1)[:-1])  # a row missing its last column
+        assert not AuditEvent.objects.filter(path="/api/x/1").exists()
+        writer.write(_row(2))
+        assert AuditEvent.objects.filter(path="/api/x/2").exists()
+    finally:
+        writer.close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_requests_through_the_writer_are_recorded(settings, compliance_officer):
+    from compliance.writer import writer
+    from tests.conftest import client_for
+
+    settings.AUDIT_GROUP_COMMIT = True
+    client = client_for(compliance_officer)
+    try:
+        assert client.get("/api/compliance/audit/events").status_code == 200
+    finally:
+        writer.close()
+    event = AuditEvent.objects.get(action="api.request", path="/api/compliance/audit/events")
+    assert (event.actor_username, event.status_code) == ("carla", 200)
