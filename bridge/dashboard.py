@@ -46,7 +46,7 @@ def build_dashboard() -> dict:
     day_ago = now - timedelta(days=1)
     head = AuditChainHead.objects.filter(pk=1).first()
     last_run = AuditVerification.objects.exclude(status=VerificationStatus.RUNNING).first()
-    unsealed = AuditEvent.objects.filter(seq__isnull=True).count()
+    unsealed = total_event_count() - (head.last_seq if head else 0)
     database, broker = check_database(), check_broker()
     locked = AccessAttempt.objects.filter(
         failures_since_start__gte=settings.AXES_FAILURE_LIMIT,

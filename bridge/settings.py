@@ -240,6 +240,12 @@ CELERY_BEAT_SCHEDULE = {
         "task": "compliance.tasks.seal_audit_chain_task",
         "schedule": float(AUDIT_SEAL_INTERVAL),
     },
+    # Looks for events committed long after newer ones were sealed, over the whole table.
+    "sweep-audit-chain": {
+        "task": "compliance.tasks.seal_audit_chain_task",
+        "schedule": 3600.0,
+        "kwargs": {"sweep": True},
+    },
 }
 
 # --- I18N, static -------------------------------------------------------------------------

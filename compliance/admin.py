@@ -65,9 +65,9 @@ class SealedFilter(admin.SimpleListFilter):
 
     def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
         if self.value() == "yes":
-            return queryset.filter(seq__isnull=False)
+            return queryset.filter(seal__isnull=False)
         if self.value() == "no":
-            return queryset.filter(seq__isnull=True)
+            return queryset.filter(seal__isnull=True)
         return queryset
 
 
@@ -102,6 +102,7 @@ class AuditEventAdmin(ReadOnlyAdmin):
     list_filter = (ActionFilter, StatusClassFilter, SealedFilter)
     # Exact or prefix matches only: each uses an index, a '%term%' scan would not.
     search_fields = ("=actor_username", "=request_id", "=client_ip", "^path")
+    list_select_related = ("seal",)
     show_full_result_count = False
     paginator = ChainHeadPaginator
     list_per_page = 50

@@ -1,7 +1,6 @@
 import json
 
 from django.db import models
-from django.db.models import Q
 
 from compliance.choices import VerificationSource, VerificationStatus
 
@@ -9,13 +8,12 @@ from compliance.choices import VerificationSource, VerificationStatus
 class AuditEvent(models.Model):
     """One tamper-evident audit record.
 
-    Rows are inserted by requests and services (durable before the response) with the chain
-    columns empty; the sealer then gives each committed row, in id order, its `seq`,
-    `prev_hash` and `hash`. On PostgreSQL a trigger lets those three columns be filled once
-    and refuses every other UPDATE, every DELETE and TRUNCATE.
+    Rows are inserted by requests and services (durable before the response) and never
+    change; the sealer links each committed event into the hash chain by inserting its
+    AuditSeal (`seq`, `prev_hash`, `hash`). On PostgreSQL triggers refuse every UPDATE, DELETE
+    and TRUNCATE of both tables.
     """
 
-    seq = models.BigIntegerField(null=True, blank=True, unique=True, editable=False)
     occurred_at = models.DateTimeField(db_index=True)
     actor_id = models.BigIntegerField(null=True, blank=True)
     actor_username = models.CharField(max_length=150, blank=True)
@@ -31,8 +29,6 @@ class AuditEvent(models.Model):
     # Canonical JSON text, not jsonb: the hash covers these exact bytes, and jsonb would
     # reorder keys, rewrite numbers and refuse NUL characters.
     details = models.TextField(default="{}")
-    prev_hash = models.CharField(max_length=64, null=True, blank=True, editable=False)
-    hash = models.CharField(max_length=64, null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["-id"]
@@ -40,7 +36,6 @@ class AuditEvent(models.Model):
             models.Index(fields=["action", "-id"], name="audit_action_idx"),
             models.Index(fields=["actor_username", "-id"], name="audit_actor_idx"),
             models.Index(fields=["request_id"], name="audit_request_idx"),
-            models.Index(fields=["id"], condition=Q(seq__isnull=True), name="audit_unsealed_idx"),
         ]
 
     def __str__(self) -> str:
@@ -51,8 +46,48 @@ class AuditEvent(models.Model):
         return json.loads(self.details or "{}")
 
     @property
+    def link(self) -> "AuditSeal | None":
+        try:
+            return self.seal
+        except AuditSeal.DoesNotExist:
+            return None
+
+    @property
     def is_sealed(self) -> bool:
-        return self.hash is not None
+        return self.link is not None
+
+    @property
+    def seq(self) -> int | None:
+        return self.link.seq if self.link else None
+
+    @property
+    def prev_hash(self) -> str | None:
+        return self.link.prev_hash if self.link else None
+
+    @property
+    def hash(self) -> str | None:
+        return self.link.hash if self.link else None
+
+
+class AuditSeal(models.Model):
+    """An event's place in the hash chain: written once by the sealer, in its own table so
+    that events are only ever inserted (one write each) and never updated."""
+
+    # No database foreign key: removing a sealed event must stay possible to detect (a gap in
+    # the chain), not turn into a constraint error that hides which event went missing.
+    event = models.OneToOneField(
+        AuditEvent,
+        on_delete=models.PROTECT,
+        primary_key=True,
+        related_name="seal",
+        db_constraint=False,
+    )
+    seq = models.BigIntegerField(unique=True)
+    prev_hash = models.CharField(max_length=64)
+    hash = models.CharField(max_length=64)
+
+    def __str__(self) -> str:
+        return f"seal {self.seq} of event {self.event_id}"
 
 
 class AuditChainHead(models.Model):

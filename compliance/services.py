@@ -29,7 +29,7 @@ from compliance.choices import (
     VerificationSource,
     VerificationStatus,
 )
-from compliance.models import AuditChainHead, AuditEvent, AuditVerification
+from compliance.models import AuditChainHead, AuditEvent, AuditSeal, AuditVerification
 from security.ip import client_ip
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 current_request: ContextVar[HttpRequest | None] = ContextVar("current_request", default=None)
 
 GENESIS_HASH = "0" * 64
+# How far below the newest sealed id each seal run looks for events that committed late.
+STRAGGLER_WINDOW = 100_000
 REDACTED = "[REDACTED]"
 _SECRET_KEY_PATTERN = re.compile(
     r"pass|secret|token|key|plaintext|authorization|cookie|credential|refresh|access|signature"
@@ -264,7 +266,26 @@ def _head_for_update() -> AuditChainHead:
     return head
 
 
-def seal_pending_events(*, batch: int | None = None) -> int:
+def _pending(head: AuditChainHead, limit: int, sweep: bool) -> list[AuditEvent]:
+    """Committed events without a seal, oldest id first.
+
+    New events have ids above the head's last sealed event: a primary-key range, cheap at any
+    table size. An event whose transaction committed after a newer one was sealed (a
+    straggler) sits below that id; the last STRAGGLER_WINDOW ids are searched for those every
+    time, and the whole table when `sweep` is set (hourly, and by `seal_audit_chain --sweep`).
+    """
+    floor = head.last_event_id or 0
+    newer = list(AuditEvent.objects.filter(id__gt=floor).order_by("id")[:limit])
+    lower = 0 if sweep else max(0, floor - STRAGGLER_WINDOW)
+    stragglers = list(
+        AuditEvent.objects.filter(id__gt=lower, id__lte=floor, seal__isnull=True).order_by("id")[
+            :limit
+        ]
+    )
+    return sorted(stragglers + newer, key=lambda event: event.id)[:limit]
+
+
+def seal_pending_events(*, batch: int | None = None, sweep: bool = False) -> int:
     """Link up to `batch` committed, unsealed events into the chain; returns how many.
 
     One transaction holding the head's row lock: two sealers (two beat hosts, a manual run)
@@ -273,52 +294,39 @@ def seal_pending_events(*, batch: int | None = None) -> int:
     limit = batch or settings.AUDIT_SEAL_BATCH
     with transaction.atomic():
         head = _head_for_update()
-        pending = list(AuditEvent.objects.filter(seq__isnull=True).order_by("id")[:limit])
+        pending = _pending(head, limit, sweep)
         if not pending:
             return 0
         seq, prev = head.last_seq, head.last_hash
+        seals = []
         for event in pending:
             seq += 1
-            event.seq = seq
-            event.prev_hash = prev
-            event.hash = event_hash(_fields_of(event))
-            prev = event.hash
-        _write_seals(pending)
+            fields = _fields_of(event)
+            fields.update(seq=seq, prev_hash=prev)
+            prev = event_hash(fields)
+            seals.append(
+                AuditSeal(event_id=event.id, seq=seq, prev_hash=fields["prev_hash"], hash=prev)
+            )
+        AuditSeal.objects.bulk_create(seals, batch_size=1000)
         head.last_seq, head.last_hash = seq, prev
-        head.last_event_id = pending[-1].id
+        head.last_event_id = max(head.last_event_id or 0, pending[-1].id)
         head.sealed_at = timezone.now()
         head.save()
     return len(pending)
 
 
-def _write_seals(events: list[AuditEvent]) -> None:
-    if connection.vendor != "postgresql":
-        AuditEvent.objects.bulk_update(events, ["seq", "prev_hash", "hash"], batch_size=500)
-        return
-    from psycopg2.extras import execute_values
-
-    # One UPDATE joined to a VALUES list: Django's bulk_update would build a CASE per column
-    # with a branch per row, which PostgreSQL evaluates row by row (quadratic in the batch).
-    table = connection.ops.quote_name(AuditEvent._meta.db_table)
-    with connection.cursor() as cursor:
-        execute_values(
-            cursor.cursor,
-            f"UPDATE {table} AS e SET seq = v.seq, prev_hash = v.prev_hash, hash = v.hash "  # noqa: S608
-            "FROM (VALUES %s) AS v(id, seq, prev_hash, hash) WHERE e.id = v.id",
-            [(event.id, event.seq, event.prev_hash, event.hash) for event in events],
-            page_size=1000,
-        )
-
-
-def seal_all_pending() -> int:
+def seal_all_pending(*, sweep: bool = False) -> int:
     total = 0
-    while sealed := seal_pending_events():
+    while sealed := seal_pending_events(sweep=sweep):
         total += sealed
     return total
 
 
+_EVENT_FIELDS = tuple(name for name in _HASHED_FIELDS if name not in ("seq", "prev_hash"))
+
+
 def _fields_of(event: AuditEvent) -> dict[str, Any]:
-    return {name: getattr(event, name) for name in _HASHED_FIELDS}
+    return {name: getattr(event, name) for name in _EVENT_FIELDS}
 
 
 @dataclass(frozen=True)
@@ -330,30 +338,33 @@ class ChainCheck:
     reason: str
 
 
+def unsealed_count() -> int:
+    """Events without a seal, exactly (an anti-join over the table: for verification)."""
+    return AuditEvent.objects.filter(seal__isnull=True).count()
+
+
 def check_chain() -> ChainCheck:
     """Recompute every sealed event's hash and link, in seq order, up to the current head."""
     head = AuditChainHead.objects.filter(pk=1).first()
     head_seq = head.last_seq if head else 0
     head_hash = head.last_hash if head else GENESIS_HASH
-    unsealed = AuditEvent.objects.filter(seq__isnull=True).count()
+    unsealed = unsealed_count()
     expected_seq, prev, checked = 1, GENESIS_HASH, 0
-    rows = (
-        AuditEvent.objects.filter(seq__isnull=False, seq__lte=head_seq)
-        .order_by("seq")
-        .values_list(*_HASHED_FIELDS, "hash")
-    )
+    columns = ("seq", "prev_hash", "hash", *(f"event__{name}" for name in _EVENT_FIELDS))
+    rows = AuditSeal.objects.filter(seq__lte=head_seq).order_by("seq").values_list(*columns)
     for row in rows.iterator(chunk_size=2000):
-        fields = dict(zip(_HASHED_FIELDS, row[:-1], strict=True))
-        stored_hash = row[-1]
-        if fields["seq"] != expected_seq:
+        seq, prev_hash, stored_hash = row[:3]
+        fields = dict(zip(_EVENT_FIELDS, row[3:], strict=True))
+        fields.update(seq=seq, prev_hash=prev_hash)
+        if seq != expected_seq:
             return ChainCheck(
                 False,
                 checked,
                 unsealed,
                 fields["id"],
-                f"event(s) with seq {expected_seq}..{fields['seq'] - 1} are missing",
+                f"event(s) with seq {expected_seq}..{seq - 1} are missing",
             )
-        if fields["prev_hash"] != prev:
+        if prev_hash != prev:
             return ChainCheck(
                 False, checked, unsealed, fields["id"], "prev_hash does not match the event before"
             )
@@ -430,15 +441,13 @@ def verify_chain(
 
 
 def total_event_count() -> int:
-    """Number of audit events without scanning the table.
+    """Number of audit events without counting the whole table.
 
-    Events are never deleted, so they are the sealed ones (the head's seq) plus the unsealed
-    ones newer than the last sealed event, counted on the partial index from the head's event
-    id onwards. Starting there matters on PostgreSQL: every sealed row left a dead entry in
-    that index below the head until vacuum, and counting through those cost milliseconds per
-    call. An event whose transaction committed after a newer one was sealed is left out until
-    the next seal (seconds). One statement, one snapshot, so a seal committing meanwhile
-    cannot count a row twice.
+    Events are never deleted, so they are the sealed ones (the head's seq) plus those above
+    the head's last sealed id (a primary-key range, small while the sealer keeps up). A
+    straggler (committed after a newer event was sealed) is left out until the next seal,
+    seconds later. One statement, one snapshot, so a seal committing meanwhile cannot count a
+    row twice.
     """
     quote = connection.ops.quote_name
     events = quote(AuditEvent._meta.db_table)
@@ -446,8 +455,7 @@ def total_event_count() -> int:
     # Identifiers from our own models only, no values.
     sql = (
         f"SELECT h.{quote('last_seq')} + (SELECT COUNT(*) FROM {events} e "  # noqa: S608
-        f"WHERE e.{quote('seq')} IS NULL "
-        f"AND e.{quote('id')} > COALESCE(h.{quote('last_event_id')}, 0)) "
+        f"WHERE e.{quote('id')} > COALESCE(h.{quote('last_event_id')}, 0)) "
         f"FROM {heads} h WHERE h.{quote('id')} = 1"
     )
     with connection.cursor() as cursor:

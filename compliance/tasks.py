@@ -4,8 +4,8 @@ from compliance import services
 
 
 @shared_task
-def seal_audit_chain_task() -> int:
-    return services.seal_all_pending()
+def seal_audit_chain_task(sweep: bool = False) -> int:
+    return services.seal_all_pending(sweep=sweep)
 
 
 @shared_task

@@ -7,6 +7,9 @@ from compliance.models import AuditEvent
 
 class AuditEventSerializer(serializers.ModelSerializer):
     details = serializers.JSONField(source="details_data", read_only=True)
+    seq = serializers.IntegerField(read_only=True, allow_null=True)
+    prev_hash = serializers.CharField(read_only=True, allow_null=True)
+    hash = serializers.CharField(read_only=True, allow_null=True)
     sealed = serializers.BooleanField(source="is_sealed", read_only=True)
 
     class Meta:
@@ -36,9 +39,10 @@ class AuditEventSerializer(serializers.ModelSerializer):
     def to_representation(self, event: AuditEvent) -> dict:
         # Same output as the declared fields, built directly: this list is the busiest read
         # endpoint, and DRF's per-field machinery was most of its CPU time.
+        link = event.link
         return {
             "id": event.id,
-            "seq": event.seq,
+            "seq": link.seq if link else None,
             "occurred_at": _iso(event.occurred_at),
             "actor_id": event.actor_id,
             "actor_username": event.actor_username,
@@ -52,9 +56,9 @@ class AuditEventSerializer(serializers.ModelSerializer):
             "status_code": event.status_code,
             "latency_ms": event.latency_ms,
             "details": event.details_data,
-            "prev_hash": event.prev_hash,
-            "hash": event.hash,
-            "sealed": event.is_sealed,
+            "prev_hash": link.prev_hash if link else None,
+            "hash": link.hash if link else None,
+            "sealed": link is not None,
         }
 
 

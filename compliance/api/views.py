@@ -57,7 +57,7 @@ class AuditEventListView(generics.ListAPIView):
         filters = AuditEventFilterSerializer(data=self.request.query_params)
         filters.is_valid(raise_exception=True)
         params = filters.validated_data
-        queryset = AuditEvent.objects.order_by("-id")
+        queryset = AuditEvent.objects.select_related("seal").order_by("-id")
         if "actor" in params:
             queryset = queryset.filter(actor_username=params["actor"])
         if "action" in params:

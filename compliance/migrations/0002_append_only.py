@@ -1,44 +1,41 @@
 from django.db import migrations
 
 GUARD = """
-CREATE OR REPLACE FUNCTION compliance_auditevent_guard() RETURNS trigger AS $$
+CREATE OR REPLACE FUNCTION compliance_append_only() RETURNS trigger AS $$
 BEGIN
-    -- The only UPDATE allowed: the sealer filling seq, prev_hash and hash once, nothing else.
-    IF TG_OP = 'UPDATE'
-       AND OLD.seq IS NULL AND OLD.prev_hash IS NULL AND OLD.hash IS NULL
-       AND NEW.seq IS NOT NULL AND NEW.prev_hash IS NOT NULL AND NEW.hash IS NOT NULL
-       AND (to_jsonb(NEW) - 'seq' - 'prev_hash' - 'hash')
-           = (to_jsonb(OLD) - 'seq' - 'prev_hash' - 'hash') THEN
-        RETURN NEW;
-    END IF;
-    RAISE EXCEPTION 'compliance_auditevent is append-only: % refused', TG_OP
+    RAISE EXCEPTION '% is append-only: % refused', TG_TABLE_NAME, TG_OP
         USING ERRCODE = 'insufficient_privilege';
 END;
 $$ LANGUAGE plpgsql;
-
-CREATE TRIGGER compliance_auditevent_append_only
-    BEFORE UPDATE OR DELETE ON compliance_auditevent
-    FOR EACH ROW EXECUTE FUNCTION compliance_auditevent_guard();
-CREATE TRIGGER compliance_auditevent_no_truncate
-    BEFORE TRUNCATE ON compliance_auditevent
-    FOR EACH STATEMENT EXECUTE FUNCTION compliance_auditevent_guard();
 """
 
-UNGUARD = """
-DROP TRIGGER IF EXISTS compliance_auditevent_no_truncate ON compliance_auditevent;
-DROP TRIGGER IF EXISTS compliance_auditevent_append_only ON compliance_auditevent;
-DROP FUNCTION IF EXISTS compliance_auditevent_guard();
-"""
+TABLES = ("compliance_auditevent", "compliance_auditseal")
 
 
 def guard(apps, schema_editor):
-    if schema_editor.connection.vendor == "postgresql":
-        schema_editor.execute(GUARD, params=None)
+    if schema_editor.connection.vendor != "postgresql":
+        return
+    schema_editor.execute(GUARD, params=None)
+    for table in TABLES:
+        schema_editor.execute(
+            f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
+            "FOR EACH ROW EXECUTE FUNCTION compliance_append_only()",
+            params=None,
+        )
+        schema_editor.execute(
+            f"CREATE TRIGGER {table}_no_truncate BEFORE TRUNCATE ON {table} "
+            "FOR EACH STATEMENT EXECUTE FUNCTION compliance_append_only()",
+            params=None,
+        )
 
 
 def unguard(apps, schema_editor):
-    if schema_editor.connection.vendor == "postgresql":
-        schema_editor.execute(UNGUARD, params=None)
+    if schema_editor.connection.vendor != "postgresql":
+        return
+    for table in TABLES:
+        schema_editor.execute(f"DROP TRIGGER IF EXISTS {table}_no_truncate ON {table}")
+        schema_editor.execute(f"DROP TRIGGER IF EXISTS {table}_append_only ON {table}")
+    schema_editor.execute("DROP FUNCTION IF EXISTS compliance_append_only()")
 
 
 def create_head(apps, schema_editor):

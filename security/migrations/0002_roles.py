@@ -44,7 +44,7 @@ def drop_roles(apps, schema_editor):
 class Migration(migrations.Migration):
     dependencies = [
         ("security", "0001_initial"),
-        ("compliance", "0001_initial"),
+        ("compliance", "0002_append_only"),
         ("axes", "__latest__"),
         ("token_blacklist", "__latest__"),
         ("django_celery_beat", "__latest__"),

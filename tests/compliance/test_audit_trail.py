@@ -8,7 +8,7 @@ from django.test import override_settings
 from rest_framework.test import APIClient
 
 from compliance import services
-from compliance.models import AuditEvent, AuditVerification
+from compliance.models import AuditEvent, AuditSeal, AuditVerification
 from tests.conftest import PASSWORD, bypass_triggers, make_user, need, on_postgres
 from tests.http import call
 
@@ -125,7 +125,7 @@ def test_sealed_chain_verifies_over_the_api(compliance_api):
     services.seal_all_pending()
     body = compliance_api.get(VERIFY).json()
     assert body["ok"] is True
-    assert body["checked"] == AuditEvent.objects.filter(seq__isnull=False).count() > 0
+    assert body["checked"] == AuditEvent.objects.filter(seal__isnull=False).count() > 0
     assert body["first_broken_id"] is None
     assert AuditVerification.objects.get(pk=body["verification_id"]).status == "ok"
 
@@ -173,7 +173,7 @@ def test_removing_the_newest_sealed_rows_is_found(compliance_api):
     for n in range(3):
         services.record_event(action=f"custom.e{n}")
     services.seal_all_pending()
-    last = AuditEvent.objects.filter(seq__isnull=False).order_by("-seq").first()
+    last = AuditEvent.objects.filter(seal__isnull=False).order_by("-seal__seq").first()
     bypass_triggers("DELETE FROM compliance_auditevent WHERE id = %s", [last.pk])
     body = compliance_api.get(VERIFY).json()
     assert (body["ok"], body["first_broken_id"]) == (False, last.pk)
@@ -261,23 +261,64 @@ def test_postgres_refuses_update_delete_and_truncate_of_audit_events(postgres, s
 
 
 @pytest.mark.django_db
-def test_postgres_refuses_resealing_a_sealed_event(postgres):
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "UPDATE compliance_auditseal SET hash = repeat('a', 64)",
+        "DELETE FROM compliance_auditseal",
+        "TRUNCATE compliance_auditseal",
+    ],
+)
+def test_postgres_refuses_rewriting_the_seals_too(postgres, sql):
     services.record_event(action="custom.keep")
     services.seal_all_pending()
-    with pytest.raises(DatabaseError), transaction.atomic():
+    with pytest.raises(DatabaseError, match="append-only"), transaction.atomic():
         with connection.cursor() as cursor:
-            cursor.execute("UPDATE compliance_auditevent SET hash = repeat('a', 64)")
+            cursor.execute(sql)
+    assert AuditSeal.objects.count() == 1
 
 
 @pytest.mark.django_db
-def test_postgres_refuses_changing_content_while_sealing(postgres):
-    services.record_event(action="custom.keep")
-    with pytest.raises(DatabaseError), transaction.atomic():
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "UPDATE compliance_auditevent SET seq = 1, prev_hash = 'x', hash = 'y',"
-                " action = 'custom.forged'"
-            )
+def test_an_event_committed_after_newer_ones_were_sealed_is_sealed_next_time():
+    # given a straggler: its id is below the newest sealed event's
+    services.record_event(action="custom.first")
+    services.record_event(action="custom.second")
+    straggler = AuditEvent.objects.get(action="custom.first")
+    bypass_triggers("DELETE FROM compliance_auditevent WHERE id = %s", [straggler.pk])
+    services.seal_all_pending()
+    bypass_triggers(
+        "INSERT INTO compliance_auditevent (id, occurred_at, actor_username, request_id, action,"
+        " object_type, object_id, method, path, details) VALUES"
+        " (%s, %s, '', '', 'custom.first', '', '', '', '', '{}')",
+        [straggler.pk, straggler.occurred_at],
+    )
+    # when
+    sealed = services.seal_all_pending()
+    # then
+    assert sealed == 1
+    assert AuditSeal.objects.get(event_id=straggler.pk).seq == 2
+    result = services.check_chain()
+    assert (result.ok, result.checked, result.unsealed) == (True, 2, 0)
+
+
+@pytest.mark.django_db
+def test_a_straggler_older_than_the_window_is_found_by_the_sweep(monkeypatch):
+    monkeypatch.setattr(services, "STRAGGLER_WINDOW", 1)
+    for n in range(4):
+        services.record_event(action=f"custom.e{n}")
+    straggler = AuditEvent.objects.get(action="custom.e0")
+    bypass_triggers("DELETE FROM compliance_auditevent WHERE id = %s", [straggler.pk])
+    services.seal_all_pending()
+    bypass_triggers(
+        "INSERT INTO compliance_auditevent (id, occurred_at, actor_username, request_id, action,"
+        " object_type, object_id, method, path, details) VALUES"
+        " (%s, %s, '', '', 'custom.e0', '', '', '', '', '{}')",
+        [straggler.pk, straggler.occurred_at],
+    )
+    assert services.seal_all_pending() == 0
+    assert services.check_chain().unsealed == 1
+    assert services.seal_all_pending(sweep=True) == 1
+    assert services.check_chain().unsealed == 0
 
 
 # --- Concurrency through a real gunicorn with two workers ----------------------------------
@@ -308,7 +349,7 @@ def test_20_concurrent_requests_leave_a_chain_that_verifies(server):
     result = services.check_chain()
     assert (result.ok, result.unsealed) == (True, 0)
     assert result.checked == AuditEvent.objects.count()
-    seqs = sorted(AuditEvent.objects.values_list("seq", flat=True))
+    seqs = sorted(AuditSeal.objects.values_list("seq", flat=True))
     assert seqs == list(range(1, len(seqs) + 1))
 
 
@@ -324,7 +365,7 @@ def test_concurrent_sealers_never_fork_the_chain(postgres, transactional_db):
             connection.close()
 
     with ThreadPoolExecutor(6) as pool:
-        while AuditEvent.objects.filter(seq__isnull=True).exists():
+        while AuditEvent.objects.filter(seal__isnull=True).exists():
             list(pool.map(seal, range(6)))
     result = services.check_chain()
     assert (result.ok, result.checked) == (True, 300)

@@ -63,10 +63,10 @@ def worker_queue(postgres, transactional_db, tmp_path, monkeypatch) -> Iterator[
 
 
 def _wait_until_sealed(deadline: float) -> int:
-    pending = AuditEvent.objects.filter(seq__isnull=True).count()
+    pending = AuditEvent.objects.filter(seal__isnull=True).count()
     while pending and time.monotonic() < deadline:
         time.sleep(0.25)
-        pending = AuditEvent.objects.filter(seq__isnull=True).count()
+        pending = AuditEvent.objects.filter(seal__isnull=True).count()
     return pending
 
 
@@ -74,7 +74,7 @@ def test_a_real_worker_seals_committed_events_into_a_chain_that_verifies(worker_
     # given committed, unsealed events
     for n in range(EVENTS):
         services.record_event(action=f"custom.e2e{n}", details={"n": n})
-    assert AuditEvent.objects.filter(seq__isnull=True).count() == EVENTS
+    assert AuditEvent.objects.filter(seal__isnull=True).count() == EVENTS
 
     # when the sealing task goes through the broker to the worker
     result = seal_audit_chain_task.apply_async(queue=worker_queue)
@@ -88,5 +88,5 @@ def test_a_real_worker_seals_committed_events_into_a_chain_that_verifies(worker_
     assert chain.ok, chain.reason
     assert (chain.checked, chain.unsealed) == (EVENTS, 0)
     assert AuditEvent.objects.count() == EVENTS
-    seqs = list(AuditEvent.objects.order_by("id").values_list("seq", flat=True))
+    seqs = list(AuditEvent.objects.order_by("id").values_list("seal__seq", flat=True))
     assert seqs == list(range(1, EVENTS + 1))

@@ -1,4 +1,4 @@
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandParser
 
 from compliance import services
 
@@ -6,6 +6,13 @@ from compliance import services
 class Command(BaseCommand):
     help = "Link every recorded, unsealed audit event into the hash chain now."
 
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--sweep",
+            action="store_true",
+            help="Search the whole table for late-committed events, not only recent ids.",
+        )
+
     def handle(self, *args: object, **options: object) -> None:
-        sealed = services.seal_all_pending()
+        sealed = services.seal_all_pending(sweep=bool(options["sweep"]))
         self.stdout.write(f"sealed {sealed} event(s)")
