@@ -98,6 +98,7 @@ class AuditChainHead(models.Model):
     last_hash = models.CharField(max_length=64)
     last_event_id = models.BigIntegerField(null=True, blank=True)
     sealed_at = models.DateTimeField(null=True, blank=True)
+    stragglers_checked_at = models.DateTimeField(null=True, blank=True)
 
     def __str__(self) -> str:
         return f"audit chain head at seq {self.last_seq}"

@@ -39,8 +39,10 @@ log = logging.getLogger(__name__)
 current_request: ContextVar[HttpRequest | None] = ContextVar("current_request", default=None)
 
 GENESIS_HASH = "0" * 64
-# How far below the newest sealed id each seal run looks for events that committed late.
+# How far below the newest sealed id the sealer looks for events that committed late, and how
+# often (an anti-join over that window: cheap once a minute, wasteful on every run).
 STRAGGLER_WINDOW = 100_000
+STRAGGLER_CHECK_SECONDS = 60
 REDACTED = "[REDACTED]"
 _SECRET_KEY_PATTERN = re.compile(
     r"pass|secret|token|key|plaintext|authorization|cookie|credential|refresh|access|signature"
@@ -271,11 +273,16 @@ def _pending(head: AuditChainHead, limit: int, sweep: bool) -> list[AuditEvent]:
 
     New events have ids above the head's last sealed event: a primary-key range, cheap at any
     table size. An event whose transaction committed after a newer one was sealed (a
-    straggler) sits below that id; the last STRAGGLER_WINDOW ids are searched for those every
-    time, and the whole table when `sweep` is set (hourly, and by `seal_audit_chain --sweep`).
+    straggler) sits below that id; the last STRAGGLER_WINDOW ids are searched for those once
+    a minute, and the whole table when `sweep` is set (hourly, and `seal_audit_chain --sweep`).
     """
     floor = head.last_event_id or 0
     newer = list(AuditEvent.objects.filter(id__gt=floor).order_by("id")[:limit])
+    now = timezone.now()
+    checked = head.stragglers_checked_at
+    if not sweep and checked and (now - checked).total_seconds() < STRAGGLER_CHECK_SECONDS:
+        return newer
+    head.stragglers_checked_at = now
     lower = 0 if sweep else max(0, floor - STRAGGLER_WINDOW)
     stragglers = list(
         AuditEvent.objects.filter(id__gt=lower, id__lte=floor, seal__isnull=True).order_by("id")[
@@ -296,6 +303,7 @@ def seal_pending_events(*, batch: int | None = None, sweep: bool = False) -> int
         head = _head_for_update()
         pending = _pending(head, limit, sweep)
         if not pending:
+            head.save(update_fields=["stragglers_checked_at"])
             return 0
         seq, prev = head.last_seq, head.last_hash
         seals = []

@@ -279,7 +279,8 @@ def test_postgres_refuses_rewriting_the_seals_too(postgres, sql):
 
 
 @pytest.mark.django_db
-def test_an_event_committed_after_newer_ones_were_sealed_is_sealed_next_time():
+def test_an_event_committed_after_newer_ones_were_sealed_is_sealed_next_time(monkeypatch):
+    monkeypatch.setattr(services, "STRAGGLER_CHECK_SECONDS", 0)
     # given a straggler: its id is below the newest sealed event's
     services.record_event(action="custom.first")
     services.record_event(action="custom.second")
@@ -304,6 +305,7 @@ def test_an_event_committed_after_newer_ones_were_sealed_is_sealed_next_time():
 @pytest.mark.django_db
 def test_a_straggler_older_than_the_window_is_found_by_the_sweep(monkeypatch):
     monkeypatch.setattr(services, "STRAGGLER_WINDOW", 1)
+    monkeypatch.setattr(services, "STRAGGLER_CHECK_SECONDS", 0)
     for n in range(4):
         services.record_event(action=f"custom.e{n}")
     straggler = AuditEvent.objects.get(action="custom.e0")
