@@ -1,10 +1,12 @@
 """Group commit for request events: one INSERT and one commit for every request waiting.
 
 Each API request must have its event on disk before its response leaves. Committing one
-INSERT per request pays a round trip and a WAL flush each time; here request threads hand
-their row to one writer thread per process and wait, and the writer inserts everything that
-queued up meanwhile in one statement and one commit, then releases all of them. Under load the
-batches grow by themselves; an idle server still answers at once (a batch of one).
+INSERT per request pays a round trip and a WAL flush each time. Here the first request to
+arrive becomes the leader and commits, in one statement, its own row and every row that
+queued up while the previous commit was in flight; the others wait for it. Leadership then
+passes to the oldest waiting request, if any. An idle server or a single-threaded worker
+(gunicorn's sync class) always leads at once, so it writes inline with no hand-off; under
+concurrent requests the batches grow by themselves.
 
 Only autocommit request events go through here. Events a service records inside its own
 transaction stay in that transaction (`record_event`), so they commit or roll back with it.
@@ -13,17 +15,12 @@ transaction stay in that transaction (`record_event`), so they commit or roll ba
 from __future__ import annotations
 
 import logging
-import os
-import queue
 import threading
-
-from django.db import connection
 
 from compliance.services import insert_event_rows
 
 log = logging.getLogger(__name__)
 
-_MAX_BATCH = 500
 _WAIT_SECONDS = 30.0
 
 
@@ -32,81 +29,64 @@ class AuditWriteError(RuntimeError):
 
 
 class _Pending:
-    __slots__ = ("done", "error", "row")
+    __slots__ = ("committed", "error", "promoted", "row", "wake")
 
     def __init__(self, row: tuple) -> None:
         self.row = row
-        self.done = threading.Event()
+        self.wake = threading.Event()
+        self.committed = False
+        self.promoted = False
         self.error: BaseException | None = None
 
 
 class AuditWriter:
-    """One writer thread per process, created lazily and again after a fork."""
+    """Leader-based group commit among the threads of one process."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._queue: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
-        self._pid: int | None = None
+        self._queue: list[_Pending] = []
+        self._leading = False
 
     def write(self, row: tuple) -> None:
-        """Block until `row` is committed; raise AuditWriteError if it could not be."""
-        self._ensure_thread()
-        pending = _Pending(row)
-        self._queue.put(pending)
-        if not pending.done.wait(_WAIT_SECONDS):
-            raise AuditWriteError("the audit writer did not commit in time")
-        if pending.error is not None:
-            raise AuditWriteError(str(pending.error)) from pending.error
-
-    def close(self) -> None:
-        """Stop the writer thread after what is queued, closing its database connection."""
-        if self._pid == os.getpid():
-            done = _Pending(())
-            self._queue.put(done)
-            done.done.wait(_WAIT_SECONDS)
-            self._pid = None
-
-    def _ensure_thread(self) -> None:
-        if self._pid == os.getpid():
-            return
+        """Return once `row` is committed; raise AuditWriteError if it could not be."""
+        me = _Pending(row)
         with self._lock:
-            if self._pid == os.getpid():
-                return
-            # A forked child inherits the queue object but not the thread: start afresh.
-            self._queue = queue.SimpleQueue()
-            threading.Thread(target=self._run, name="audit-writer", daemon=True).start()
-            self._pid = os.getpid()
+            self._queue.append(me)
+            lead = not self._leading
+            self._leading = True
+        while not lead:
+            if not me.wake.wait(_WAIT_SECONDS):
+                raise AuditWriteError("the audit writer did not commit in time")
+            if me.committed:
+                break
+            me.wake.clear()
+            lead = me.promoted
+        if lead:
+            self._lead()
+        if me.error is not None:
+            raise AuditWriteError(str(me.error)) from me.error
 
-    def _run(self) -> None:
-        while True:
-            batch = [self._queue.get()]
-            while len(batch) < _MAX_BATCH:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            stop = [pending for pending in batch if not pending.row]
-            batch = [pending for pending in batch if pending.row]
-            if batch:
-                self._commit(batch)
-            if stop:
-                connection.close()
-                for pending in stop:
-                    pending.done.set()
-                return
-
-    def _commit(self, batch: list[_Pending]) -> None:
+    def _lead(self) -> None:
+        with self._lock:
+            batch, self._queue = self._queue, []
         try:
             insert_event_rows([pending.row for pending in batch])
-        except BaseException as exc:
+        except Exception as exc:
             log.exception("audit writer failed to commit %s event(s)", len(batch))
             for pending in batch:
                 pending.error = exc
-            # A broken connection must not poison the next batch.
-            connection.close()
-        finally:
-            for pending in batch:
-                pending.done.set()
+        for pending in batch:
+            pending.committed = True
+            pending.wake.set()
+        with self._lock:
+            if self._queue:
+                # Hand over to the oldest waiter rather than serving everyone from this thread:
+                # this request's response is ready and should not wait for later ones.
+                successor = self._queue[0]
+                successor.promoted = True
+                successor.wake.set()
+            else:
+                self._leading = False
 
 
 writer = AuditWriter()

@@ -39,14 +39,6 @@ def on_postgres() -> bool:
     return connection.vendor == "postgresql"
 
 
-@pytest.fixture(autouse=True)
-def _audit_writes_in_the_test_transaction(settings) -> None:
-    # The group-commit writer commits on its own connection, outside the transaction a test
-    # rolls back; in-process tests write directly. Real servers (gunicorn fixture) and
-    # tests/compliance/test_group_commit.py use the writer.
-    settings.AUDIT_GROUP_COMMIT = False
-
-
 @pytest.fixture
 def postgres() -> None:
     need(on_postgres(), "needs PostgreSQL (set DATABASE_URL)")
