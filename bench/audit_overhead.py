@@ -6,7 +6,8 @@ Runs alternate off/on several times and the medians are compared. With logging o
 runs beside the server (as Celery beat would) and afterwards the script checks that every
 request wrk saw answered is in the trail and that the chain verifies.
 
-Usage: .venv/bin/python bench/audit_overhead.py [--seconds 15] [--rounds 3] [--connections 8]
+Usage: .venv/bin/python bench/audit_overhead.py [--seconds 8] [--rounds 6] [--connections 8]
+       [--configs sync:1,gthread:4]
 Needs PostgreSQL on 127.0.0.1:5432 (user postgres) and wrk (Debian package `wrk`).
 """
 
@@ -134,12 +135,15 @@ class Sealer(threading.Thread):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=int, default=15)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--seed-events", type=int, default=20000)
-    parser.add_argument("--worker-class", default="gthread")
-    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument(
+        "--configs",
+        default="sync:1,gthread:4",
+        help="gunicorn worker class:threads pairs to compare, interleaved round by round",
+    )
     parser.add_argument(
         "--diagnose-async-commit",
         action="store_true",
@@ -178,41 +182,61 @@ def main() -> None:
         cursor.execute("VACUUM ANALYZE compliance_auditevent")
 
     port = free_port()
-    results: dict[bool, list[float]] = {False: [], True: []}
+    configs = [tuple(item.split(":")) for item in args.configs.split(",")]
+    results: dict[tuple, list[float]] = {}
     answered_with_audit = 0
     before = AuditEvent.objects.filter(action="api.request").count()
     for round_no in range(args.rounds):
-        for audit in (False, True):
-            server = start_server(audit, port, args.worker_class, args.threads)
-            sealer = Sealer()
-            if audit:
-                sealer.start()
-            try:
-                wrk(port, token, 3, args.connections)  # warm-up, not counted
-                rps, total, errors = wrk(port, token, args.seconds, args.connections)
-            finally:
-                stop(server)
-                sealer.halt.set()
+        for worker_class, threads in configs:
+            for audit in (False, True):
+                server = start_server(audit, port, worker_class, int(threads))
+                sealer = Sealer()
                 if audit:
-                    sealer.join()
-            if errors:
-                sys.exit(f"{errors} non-2xx responses with audit={'on' if audit else 'off'}")
-            results[audit].append(rps)
-            if audit:
-                answered_with_audit += total
-            state = "on " if audit else "off"
-            print(f"round {round_no + 1} audit {state}: {rps:8.1f} req/s ({total} requests)")
+                    sealer.start()
+                try:
+                    wrk(port, token, 2, args.connections)  # warm-up, not counted
+                    rps, total, errors = wrk(port, token, args.seconds, args.connections)
+                finally:
+                    stop(server)
+                    sealer.halt.set()
+                    if audit:
+                        sealer.join()
+                if errors:
+                    sys.exit(f"{errors} non-2xx responses with audit={'on' if audit else 'off'}")
+                results.setdefault((worker_class, threads, audit), []).append(rps)
+                if audit:
+                    answered_with_audit += total
+                state = "on " if audit else "off"
+                print(
+                    f"round {round_no + 1} {worker_class:7} x{threads} audit {state}: "
+                    f"{rps:8.1f} req/s ({total} requests)",
+                    flush=True,
+                )
 
     connection.close()
     seal_all_pending()
     recorded = AuditEvent.objects.filter(action="api.request").count() - before
     chain = check_chain()
-    off, on = statistics.median(results[False]), statistics.median(results[True])
     print()
-    print(f"endpoint: GET {PATH}, gunicorn 2 workers ({args.worker_class}, {args.threads} threads)")
-    print(f"median without audit logging: {off:8.1f} req/s (baseline)")
-    print(f"median with audit logging:    {on:8.1f} req/s")
-    print(f"ratio with/without:           {on / off:8.3f}  (target >= 0.85)")
+    print(
+        f"endpoint: GET {PATH}, gunicorn 2 workers, wrk -c{args.connections}, {args.rounds} rounds"
+    )
+    print("worker class      median off   median on   ratio on/off (target >= 0.85)")
+    for worker_class, threads in configs:
+        off = statistics.median(results[(worker_class, threads, False)])
+        on = statistics.median(results[(worker_class, threads, True)])
+        ratios = [
+            b / a
+            for a, b in zip(
+                results[(worker_class, threads, False)],
+                results[(worker_class, threads, True)],
+                strict=True,
+            )
+        ]
+        print(
+            f"{worker_class:7} x{threads:<2}      {off:8.1f}    {on:8.1f}     {on / off:6.3f}"
+            f"   (per round {min(ratios):.2f}..{max(ratios):.2f})"
+        )
     print(
         f"audit events recorded: {recorded} for {answered_with_audit} responses wrk counted "
         "(warm-ups included in events; in-flight requests at wrk's stop are recorded too)"

@@ -220,7 +220,10 @@ def insert_event_rows(rows: list[tuple]) -> None:
     columns = ", ".join(quote(column) for column in _INSERT_COLUMNS)
     table = quote(AuditEvent._meta.db_table)
     with connection.cursor() as cursor:
-        if connection.vendor == "postgresql":
+        if len(rows) == 1:
+            # The common case when idle or in a sync worker: skip execute_values' assembly.
+            cursor.execute(_insert_sql(connection.vendor), rows[0])
+        elif connection.vendor == "postgresql":
             from psycopg2.extras import execute_values
 
             execute_values(
