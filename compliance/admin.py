@@ -1,7 +1,9 @@
+import ipaddress
+
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponseRedirect
 from django.urls import path, reverse
 from django.utils.functional import cached_property
@@ -100,14 +102,31 @@ class AuditEventAdmin(ReadOnlyAdmin):
         "sealed",
     )
     list_filter = (ActionFilter, StatusClassFilter, SealedFilter)
-    # Exact or prefix matches only: each uses an index, a '%term%' scan would not.
-    search_fields = ("=actor_username", "=request_id", "=client_ip", "^path")
+    # Exact, case-sensitive matches on indexed columns (see get_search_results).
+    search_fields = ("actor_username", "request_id", "client_ip")
+    search_help_text = "Exact username, request id or client IP."
     list_select_related = ("seal",)
     show_full_result_count = False
     paginator = ChainHeadPaginator
     list_per_page = 50
     ordering = ("-id",)
     readonly_fields = [field.name for field in AuditEvent._meta.fields]
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet, search_term: str
+    ) -> tuple[QuerySet, bool]:
+        # Django's own search is case-insensitive (UPPER(col) = UPPER(term)), which no index
+        # serves: at a million events that was half a second per page.
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        match = Q(actor_username=term) | Q(request_id=term)
+        try:
+            ipaddress.ip_address(term)
+            match |= Q(client_ip=term)
+        except ValueError:
+            pass
+        return queryset.filter(match), False
 
     @admin.display(description="status", ordering="status_code")
     def coloured_status(self, event: AuditEvent) -> str:

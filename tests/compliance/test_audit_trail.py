@@ -396,3 +396,20 @@ def test_total_count_adds_unsealed_events_to_the_sealed_ones():
     for n in range(2):
         services.record_event(action=f"custom.u{n}")
     assert services.total_event_count() == 5 == AuditEvent.objects.count()
+
+
+@pytest.mark.django_db
+def test_console_search_finds_events_by_exact_username_request_id_or_ip(admin_user):
+    from django.test import Client
+
+    services.record_event(action="custom.a", actor=admin_user)
+    services.record_event(action="custom.b")
+    client = Client()
+    client.force_login(admin_user)
+    page = client.get("/admin/compliance/auditevent/", {"q": "root"})
+    assert page.status_code == 200
+    shown = {event.action for event in page.context["cl"].result_list}
+    assert "custom.a" in shown and "custom.b" not in shown
+    assert (
+        client.get("/admin/compliance/auditevent/", {"q": "ROOT"}).context["cl"].result_count == 0
+    )
