@@ -142,40 +142,14 @@ def _insert_sql(vendor: str) -> str:
     )
 
 
-def record_event(
-    *,
-    action: str,
-    actor: Any = None,
-    request: HttpRequest | None = None,
-    object_type: str = "",
-    object_id: str | int = "",
-    method: str = "",
-    path: str = "",
-    status_code: int | None = None,
-    latency_ms: float | None = None,
-    details: dict | None = None,
-    occurred_at: datetime | None = None,
-) -> int:
-    """Append one event (unsealed) and return its id.
+def record_event(**fields: Any) -> int:
+    """Append one event (unsealed) and return its id; `fields` are `event_values`' keywords.
 
     Runs in the caller's transaction, so a service's change and its event commit together.
     Details are redacted here, whoever calls, so no caller can leak a secret into the trail.
     """
-    values = event_values(
-        action=action,
-        actor=actor,
-        request=request,
-        object_type=object_type,
-        object_id=object_id,
-        method=method,
-        path=path,
-        status_code=status_code,
-        latency_ms=latency_ms,
-        details=details,
-        occurred_at=occurred_at,
-    )
     with connection.cursor() as cursor:
-        cursor.execute(_insert_sql(connection.vendor), values)
+        cursor.execute(_insert_sql(connection.vendor), event_values(**fields))
         return cursor.fetchone()[0]
 
 

@@ -278,6 +278,16 @@ def test_postgres_refuses_rewriting_the_seals_too(postgres, sql):
     assert AuditSeal.objects.count() == 1
 
 
+def _commit_late(event: AuditEvent) -> None:
+    """Put a removed event back under its old id, as a transaction committing late would."""
+    bypass_triggers(
+        "INSERT INTO compliance_auditevent (id, occurred_at, actor_username, request_id, action,"
+        " object_type, object_id, method, path, details) VALUES"
+        " (%s, %s, '', '', %s, '', '', '', '', '{}')",
+        [event.pk, event.occurred_at, event.action],
+    )
+
+
 @pytest.mark.django_db
 def test_an_event_committed_after_newer_ones_were_sealed_is_sealed_next_time(monkeypatch):
     monkeypatch.setattr(services, "STRAGGLER_CHECK_SECONDS", 0)
@@ -287,12 +297,7 @@ def test_an_event_committed_after_newer_ones_were_sealed_is_sealed_next_time(mon
     straggler = AuditEvent.objects.get(action="custom.first")
     bypass_triggers("DELETE FROM compliance_auditevent WHERE id = %s", [straggler.pk])
     services.seal_all_pending()
-    bypass_triggers(
-        "INSERT INTO compliance_auditevent (id, occurred_at, actor_username, request_id, action,"
-        " object_type, object_id, method, path, details) VALUES"
-        " (%s, %s, '', '', 'custom.first', '', '', '', '', '{}')",
-        [straggler.pk, straggler.occurred_at],
-    )
+    _commit_late(straggler)
     # when
     sealed = services.seal_all_pending()
     # then
@@ -311,12 +316,7 @@ def test_a_straggler_older_than_the_window_is_found_by_the_sweep(monkeypatch):
     straggler = AuditEvent.objects.get(action="custom.e0")
     bypass_triggers("DELETE FROM compliance_auditevent WHERE id = %s", [straggler.pk])
     services.seal_all_pending()
-    bypass_triggers(
-        "INSERT INTO compliance_auditevent (id, occurred_at, actor_username, request_id, action,"
-        " object_type, object_id, method, path, details) VALUES"
-        " (%s, %s, '', '', 'custom.e0', '', '', '', '', '{}')",
-        [straggler.pk, straggler.occurred_at],
-    )
+    _commit_late(straggler)
     assert services.seal_all_pending() == 0
     assert services.check_chain().unsealed == 1
     assert services.seal_all_pending(sweep=True) == 1
