@@ -146,6 +146,7 @@ class AuditVerificationAdmin(ReadOnlyAdmin):
         "id",
         "started_at",
         "coloured_status",
+        "progress",
         "source",
         "requested_by",
         "checked",
@@ -164,6 +165,16 @@ class AuditVerificationAdmin(ReadOnlyAdmin):
             VerificationStatus.FAILED: "#d1302f",
         }.get(run.status, "#777")
         return format_html('<b style="color:{}">{}</b>', colour, run.get_status_display())
+
+    @admin.display(description="progress")
+    def progress(self, run: AuditVerification) -> str:
+        return format_html(
+            '<div style="width:120px;background:#eee;border-radius:3px">'
+            '<div style="width:{}%;background:#417690;color:#fff;font-size:10px;'
+            'text-align:right;padding-right:2px;border-radius:3px">{}%</div></div>',
+            run.percent,
+            run.percent,
+        )
 
     def get_urls(self) -> list:
         verify = self.admin_site.admin_view(require_POST(self.verify_view))

@@ -115,6 +115,7 @@ class AuditVerification(models.Model):
     started_at = models.DateTimeField()
     finished_at = models.DateTimeField(null=True, blank=True)
     checked = models.BigIntegerField(default=0)
+    total = models.BigIntegerField(default=0, help_text="Sealed events to check.")
     unsealed = models.BigIntegerField(default=0)
     first_broken_id = models.BigIntegerField(null=True, blank=True)
     reason = models.TextField(blank=True)
@@ -124,3 +125,9 @@ class AuditVerification(models.Model):
 
     def __str__(self) -> str:
         return f"verification {self.id}: {self.status}"
+
+    @property
+    def percent(self) -> int:
+        if self.status != "running":
+            return 100
+        return min(100, int(100 * self.checked / self.total)) if self.total else 0

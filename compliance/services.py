@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -328,8 +329,14 @@ def unsealed_count() -> int:
     return AuditEvent.objects.filter(seal__isnull=True).count()
 
 
-def check_chain() -> ChainCheck:
-    """Recompute every sealed event's hash and link, in seq order, up to the current head."""
+PROGRESS_EVERY = 20_000
+
+
+def check_chain(*, on_progress: Callable[[int, int], None] | None = None) -> ChainCheck:
+    """Recompute every sealed event's hash and link, in seq order, up to the current head.
+
+    `on_progress(checked, total)` is called every PROGRESS_EVERY events.
+    """
     head = AuditChainHead.objects.filter(pk=1).first()
     head_seq = head.last_seq if head else 0
     head_hash = head.last_hash if head else GENESIS_HASH
@@ -360,6 +367,8 @@ def check_chain() -> ChainCheck:
         prev = stored_hash
         expected_seq += 1
         checked += 1
+        if on_progress and checked % PROGRESS_EVERY == 0:
+            on_progress(checked, head_seq)
     if checked != head_seq or prev != head_hash:
         return ChainCheck(
             False,
@@ -372,18 +381,33 @@ def check_chain() -> ChainCheck:
 
 
 def verify_chain(
-    *, source: VerificationSource, actor: Any = None, request: HttpRequest | None = None
+    *,
+    source: VerificationSource,
+    actor: Any = None,
+    request: HttpRequest | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> AuditVerification:
     """Run `check_chain`, keep the run as an AuditVerification row and audit the outcome.
 
     A broken chain is logged at ERROR level and recorded as `audit.broken`.
     """
     who = Actor.of(actor)
+    head = AuditChainHead.objects.filter(pk=1).first()
     run = AuditVerification.objects.create(
-        source=source, requested_by=who.username, started_at=timezone.now()
+        source=source,
+        requested_by=who.username,
+        started_at=timezone.now(),
+        total=head.last_seq if head else 0,
     )
+
+    def progress(checked: int, total: int) -> None:
+        # Committed as it goes (no surrounding transaction), so the console shows it live.
+        AuditVerification.objects.filter(pk=run.pk).update(checked=checked, total=total)
+        if on_progress:
+            on_progress(checked, total)
+
     try:
-        result = check_chain()
+        result = check_chain(on_progress=progress)
     except Exception as exc:
         AuditVerification.objects.filter(pk=run.pk).update(
             status=VerificationStatus.FAILED, finished_at=timezone.now(), reason=str(exc)[:2000]

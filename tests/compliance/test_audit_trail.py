@@ -413,3 +413,43 @@ def test_console_search_finds_events_by_exact_username_request_id_or_ip(admin_us
     assert (
         client.get("/admin/compliance/auditevent/", {"q": "ROOT"}).context["cl"].result_count == 0
     )
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("group_commit", [True, False])
+def test_a_request_whose_event_cannot_be_written_is_answered_503_not_200(
+    compliance_api, monkeypatch, settings, group_commit
+):
+    # given the audit table refuses writes
+    settings.AUDIT_GROUP_COMMIT = group_commit
+
+    def refuse(*args, **kwargs):
+        raise DatabaseError("disk full")
+
+    monkeypatch.setattr(services, "insert_event_rows", refuse)
+    monkeypatch.setattr("compliance.writer.insert_event_rows", refuse)
+    monkeypatch.setattr("compliance.middleware.record_event", refuse)
+    # when
+    response = compliance_api.get(EVENTS)
+    # then the client is not told the call succeeded unrecorded
+    assert response.status_code == 503
+    assert "audit trail is unavailable" in response.json()["detail"]
+    assert response.json()["request_id"] == response["X-Request-ID"]
+
+
+@pytest.mark.django_db
+def test_verification_reports_progress_as_it_goes(monkeypatch, capsys):
+    from django.core.management import call_command
+
+    monkeypatch.setattr(services, "PROGRESS_EVERY", 2)
+    for n in range(5):
+        services.record_event(action=f"custom.p{n}")
+    services.seal_all_pending()
+    seen: list[tuple[int, int]] = []
+    run = services.verify_chain(
+        source="cli", on_progress=lambda checked, total: seen.append((checked, total))
+    )
+    assert seen == [(2, 5), (4, 5)]
+    assert (run.checked, run.total, run.percent) == (5, 5, 100)
+    call_command("verify_audit_chain")
+    assert " 40%  2 of 5 events" in capsys.readouterr().out

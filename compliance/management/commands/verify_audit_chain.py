@@ -16,7 +16,12 @@ class Command(BaseCommand):
         if options["seal"]:
             sealed = services.seal_all_pending()
             self.stdout.write(f"sealed {sealed} waiting event(s)")
-        run = services.verify_chain(source=VerificationSource.CLI)
+
+        def progress(checked: int, total: int) -> None:
+            percent = 100 * checked // total if total else 100
+            self.stdout.write(f"  {percent:3d}%  {checked:,} of {total:,} events")
+
+        run = services.verify_chain(source=VerificationSource.CLI, on_progress=progress)
         if run.status != VerificationStatus.OK:
             raise CommandError(
                 f"audit chain BROKEN at event id {run.first_broken_id}: {run.reason} "
