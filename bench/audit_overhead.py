@@ -116,11 +116,12 @@ def wrk(port: int, token: str, seconds: int, connections: int) -> tuple[float, i
 
 
 class Sealer(threading.Thread):
-    """Seals every second, like the Celery beat schedule (AUDIT_SEAL_INTERVAL) would."""
+    """Seals every `interval` seconds, as the Celery beat schedule (AUDIT_SEAL_INTERVAL) does."""
 
-    def __init__(self) -> None:
+    def __init__(self, interval: float) -> None:
         super().__init__(daemon=True)
         self.halt = threading.Event()
+        self.interval = interval
         self.sealed = 0
 
     def run(self) -> None:
@@ -128,7 +129,7 @@ class Sealer(threading.Thread):
 
         from compliance.services import seal_all_pending
 
-        while not self.halt.wait(1.0):
+        while not self.halt.wait(self.interval):
             self.sealed += seal_all_pending()
         connection.close()
 
@@ -143,6 +144,12 @@ def main() -> None:
         "--configs",
         default="sync:1,gthread:4",
         help="gunicorn worker class:threads pairs to compare, interleaved round by round",
+    )
+    parser.add_argument(
+        "--seal-interval",
+        type=float,
+        default=5.0,
+        help="seconds between seal runs (the production default AUDIT_SEAL_INTERVAL is 5)",
     )
     parser.add_argument(
         "--diagnose-async-commit",
@@ -190,7 +197,7 @@ def main() -> None:
         for worker_class, threads in configs:
             for audit in (False, True):
                 server = start_server(audit, port, worker_class, int(threads))
-                sealer = Sealer()
+                sealer = Sealer(args.seal_interval)
                 if audit:
                     sealer.start()
                 try:
