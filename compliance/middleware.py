@@ -19,7 +19,7 @@ from compliance.writer import writer
 
 log = logging.getLogger(__name__)
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _BODY_LIMIT = 64 * 1024
 _WRITE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 
@@ -32,7 +32,7 @@ def _request_details(request: HttpRequest, body: bytes | None) -> dict:
     if body:
         try:
             details["body"] = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             details["body_bytes"] = len(body)
     agent = request.META.get("HTTP_USER_AGENT")
     if agent:
@@ -53,11 +53,14 @@ class AuditMiddleware:
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
         supplied = request.META.get("HTTP_X_REQUEST_ID", "")
-        request.request_id = supplied if _REQUEST_ID.match(supplied) else uuid.uuid4().hex
+        request.request_id = supplied if _REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex
         audited = settings.ENABLE_AUDIT_LOGGING and request.path.startswith("/api/")
         body = None
         if audited and request.method in _WRITE_METHODS:
-            length = int(request.META.get("CONTENT_LENGTH") or 0)
+            try:
+                length = int(request.META.get("CONTENT_LENGTH") or 0)
+            except ValueError:
+                length = 0
             if 0 < length <= _BODY_LIMIT and "json" in request.META.get("CONTENT_TYPE", ""):
                 # Read (and cache) the body before DRF consumes the stream.
                 body = request.body

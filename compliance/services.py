@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import re
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -94,6 +95,9 @@ def redact(value: Any) -> Any:
         }
     if isinstance(value, list | tuple):
         return [redact(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        # NaN and Infinity are not JSON: stored as text, they would break every reader.
+        return str(value)
     if isinstance(value, str | int | float | bool) or value is None:
         return value
     return str(value)
@@ -105,7 +109,9 @@ def _clean_text(value: str | None, limit: int) -> str:
 
 
 def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
 
 
 def _iso(moment: datetime) -> str:
@@ -185,8 +191,15 @@ def event_values(
         _clean_text(path, 500),
         status_code,
         None if latency_ms is None else round(latency_ms, 3),
-        canonical_json(redact(details or {})),
+        _details_text(details),
     )
+
+
+def _details_text(details: dict | None) -> str:
+    try:
+        return canonical_json(redact(details or {}))
+    except RecursionError:
+        return canonical_json({"unrecorded": "details nested too deeply"})
 
 
 def insert_event_rows(rows: list[tuple]) -> None:

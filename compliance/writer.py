@@ -56,7 +56,12 @@ class AuditWriter:
             self._leading = True
         while not lead:
             if not me.wake.wait(_WAIT_SECONDS):
-                raise AuditWriteError("the audit writer did not commit in time")
+                with self._lock:
+                    if me in self._queue and not me.promoted:
+                        # Leave no dead waiter behind to be promoted later: nobody would lead.
+                        self._queue.remove(me)
+                        raise AuditWriteError("the audit writer did not commit in time")
+                continue
             if me.committed:
                 break
             me.wake.clear()
@@ -71,22 +76,25 @@ class AuditWriter:
             batch, self._queue = self._queue, []
         try:
             insert_event_rows([pending.row for pending in batch])
-        except Exception as exc:
+        except BaseException as exc:
             log.exception("audit writer failed to commit %s event(s)", len(batch))
             for pending in batch:
                 pending.error = exc
-        for pending in batch:
-            pending.committed = True
-            pending.wake.set()
-        with self._lock:
-            if self._queue:
-                # Hand over to the oldest waiter rather than serving everyone from this thread:
-                # this request's response is ready and should not wait for later ones.
-                successor = self._queue[0]
-                successor.promoted = True
-                successor.wake.set()
-            else:
-                self._leading = False
+        finally:
+            # Whatever happened, wake this batch and pass leadership on: a waiter left
+            # unwoken, or _leading left set with nobody leading, would stall the process.
+            for pending in batch:
+                pending.committed = True
+                pending.wake.set()
+            with self._lock:
+                if self._queue:
+                    # Hand over to the oldest waiter rather than serving everyone from this
+                    # thread: this request's response is ready and should not wait for later ones.
+                    successor = self._queue[0]
+                    successor.promoted = True
+                    successor.wake.set()
+                else:
+                    self._leading = False
 
 
 writer = AuditWriter()

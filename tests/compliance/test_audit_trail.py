@@ -453,3 +453,35 @@ def test_verification_reports_progress_as_it_goes(monkeypatch, capsys):
     assert (run.checked, run.total, run.percent) == (5, 5, 100)
     call_command("verify_audit_chain")
     assert " 40%  2 of 5 events" in capsys.readouterr().out
+
+
+@pytest.mark.django_db
+def test_nan_and_infinity_in_bodies_cannot_break_the_event_list(compliance_api, operator_api):
+    # given an anonymous body with NaN and a custom event whose details overflow to Infinity
+    APIClient().post("/api/security/auth/login", data='{"x": NaN}', content_type="application/json")
+    assert (
+        operator_api.post(
+            LOG, data='{"action": "big", "details": {"a": 1e999}}', content_type="application/json"
+        ).status_code
+        == 201
+    )
+    # when / then
+    response = compliance_api.get(EVENTS)
+    assert response.status_code == 200
+    stored = "".join(AuditEvent.objects.values_list("details", flat=True))
+    assert '"inf"' in stored and '"nan"' in stored
+
+
+@pytest.mark.django_db
+def test_a_deeply_nested_body_is_recorded_by_size(anon_api):
+    body = "[" * 5000 + "]" * 5000
+    response = anon_api.post("/api/security/auth/login", data=body, content_type="application/json")
+    assert response.status_code == 400
+    [event] = _request_events("/api/security/auth/login")
+    assert event.details_data["body_bytes"] == 10000
+
+
+@pytest.mark.django_db
+def test_a_request_id_with_a_newline_is_replaced(compliance_api):
+    response = compliance_api.get(EVENTS, HTTP_X_REQUEST_ID="abc\n")
+    assert response["X-Request-ID"] != "abc\n" and len(response["X-Request-ID"]) == 32

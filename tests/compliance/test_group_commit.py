@@ -56,3 +56,45 @@ def test_requests_are_recorded_without_the_writer_too(settings, compliance_offic
     assert client.get("/api/compliance/audit/events").status_code == 200
     event = AuditEvent.objects.get(action="api.request", path="/api/compliance/audit/events")
     assert (event.actor_username, event.status_code) == ("carla", 200)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_waiter_that_gave_up_is_never_made_leader(monkeypatch):
+    # given a leader whose commit takes longer than the waiters are willing to wait
+    import compliance.writer as writer_module
+
+    monkeypatch.setattr(writer_module, "_WAIT_SECONDS", 0.2)
+    release = threading.Event()
+    real_insert = writer_module.insert_event_rows
+
+    def slow_insert(rows):
+        release.wait(5)
+        real_insert(rows)
+
+    monkeypatch.setattr(writer_module, "insert_event_rows", slow_insert)
+    writer = AuditWriter()
+    errors: list[Exception] = []
+
+    def write(n: int) -> None:
+        try:
+            writer.write(_row(n))
+        except AuditWriteError as exc:
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    leader = threading.Thread(target=write, args=(0,))
+    leader.start()
+    threading.Event().wait(0.05)
+    waiter = threading.Thread(target=write, args=(1,))
+    waiter.start()
+    waiter.join()  # gives up after 0.2 s
+    release.set()
+    leader.join()
+    # when a later request arrives, it must still be served
+    monkeypatch.setattr(writer_module, "insert_event_rows", real_insert)
+    writer.write(_row(2))
+    # then
+    assert len(errors) == 1
+    assert AuditEvent.objects.filter(path__in=["/api/x/0", "/api/x/2"]).count() == 2
+    assert not AuditEvent.objects.filter(path="/api/x/1").exists()
