@@ -471,3 +471,21 @@ def test_a_deeply_nested_body_is_recorded_by_size(anon_api):
 def test_a_request_id_with_a_newline_is_replaced(compliance_api):
     response = compliance_api.get(EVENTS, HTTP_X_REQUEST_ID="abc\n")
     assert response["X-Request-ID"] != "abc\n" and len(response["X-Request-ID"]) == 32
+
+
+@pytest.mark.django_db
+def test_beat_installs_the_sealer_every_second_with_stale_ticks_dropped():
+    from django.conf import settings
+    from django_celery_beat.models import PeriodicTask
+    from django_celery_beat.schedulers import ModelEntry
+
+    from bridge.celery import app
+
+    ModelEntry.from_entry(
+        "seal-audit-chain", app=app, **settings.CELERY_BEAT_SCHEDULE["seal-audit-chain"]
+    )
+    task = PeriodicTask.objects.get(name="seal-audit-chain")
+    assert (task.interval.every, task.interval.period) == (1, "seconds")
+    # A backlog of ticks (worker down, busy) must not turn into a burst of sealer runs.
+    assert task.expire_seconds == 10
+    assert task.task == "compliance.tasks.seal_audit_chain_task"
