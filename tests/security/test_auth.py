@@ -3,6 +3,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from axes.models import AccessAttempt
 from django.test import override_settings
 from rest_framework.test import APIClient
 
@@ -179,8 +180,12 @@ def test_burst_of_20_parallel_wrong_passwords_then_the_right_one_is_refused(serv
             pool.map(lambda _: call("POST", f"{server}{LOGIN}", wrong).status, range(20))
         )
     right = call("POST", f"{server}{LOGIN}", {"username": "burst", "password": PASSWORD})
-    # then every failure was counted: the limit-th one already answers 429 (axes locks on it)
-    assert statuses.count(401) == 4
-    assert statuses.count(429) == 16
+    # then every failure was counted and parallelism bought no extra guess: at most limit - 1
+    # wrong passwords were answered 401 (axes locks on the limit-th; when two failures land
+    # together both may see the limit and lock, so it can be one fewer), the rest 429
+    assert 1 <= statuses.count(401) <= 4
+    assert statuses.count(401) + statuses.count(429) == 20
     assert right.status == 429
+    # the 20 wrong ones and the refused right one, none lost to the race
+    assert AccessAttempt.objects.get(username="burst").failures_since_start == 21
     assert int(right.headers["Retry-After"]) > 0
