@@ -8,7 +8,7 @@ both alike; the median of each side is compared. A sealer runs beside them at th
 interval (as Celery beat does). Afterwards the script checks that every request wrk saw
 answered is in the trail and that the chain verifies.
 
-Usage: .venv/bin/python bench/audit_overhead.py [--pairs 8] [--seconds 5] [--connections 16]
+Usage: .venv/bin/python bench/audit_overhead.py [--pairs 12] [--seconds 4] [--connections 16]
        [--configs gthread:8,sync:1]
 Needs PostgreSQL on 127.0.0.1:5432 (user postgres) and wrk (Debian package `wrk`).
 """
@@ -143,8 +143,8 @@ class Sealer(threading.Thread):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=int, default=5, help="length of one wrk run")
-    parser.add_argument("--pairs", type=int, default=8, help="off/on pairs per configuration")
+    parser.add_argument("--seconds", type=int, default=4, help="length of one wrk run")
+    parser.add_argument("--pairs", type=int, default=12, help="off/on pairs per configuration")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--seed-events", type=int, default=20000)
     parser.add_argument(
