@@ -24,7 +24,9 @@ def handler404(request: HttpRequest, exception: Exception) -> JsonResponse:
     from django.views.defaults import page_not_found
 
     if _wants_json(request):
-        return JsonResponse({"detail": "Not found.", "path": request.path}, status=404)
+        return JsonResponse(
+            {"detail": "Not found.", "code": "not_found", "path": request.path}, status=404
+        )
     return page_not_found(request, exception)
 
 
@@ -34,6 +36,7 @@ def handler500(request: HttpRequest) -> JsonResponse:
     if _wants_json(request):
         request_id = getattr(request, "request_id", "")
         return JsonResponse(
-            {"detail": "Internal server error.", "request_id": request_id}, status=500
+            {"detail": "Internal server error.", "code": "server_error", "request_id": request_id},
+            status=500,
         )
     return server_error(request)

@@ -13,6 +13,7 @@ class AuditAction(models.TextChoices):
     TOKEN_REUSE_DETECTED = "auth.token.reuse_detected", "Refresh token reuse detected"
     SESSIONS_REVOKED = "auth.sessions.revoked", "Sessions revoked by an administrator"
     ADMIN_CHANGE = "admin.change", "Admin change"
+    ADMIN_REQUEST = "admin.request", "Admin form or action sent"
     AUDIT_VERIFIED = "audit.verified", "Audit chain verified"
     AUDIT_BROKEN = "audit.broken", "Audit chain broken"
     ADMIN_ACCOUNT = "admin.account", "Admin account ensured"

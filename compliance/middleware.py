@@ -22,9 +22,10 @@ log = logging.getLogger(__name__)
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _BODY_LIMIT = 64 * 1024
 _WRITE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
+_ADMIN_PREFIX = "/admin/"
 
 
-def _request_details(request: HttpRequest, body: bytes | None) -> dict:
+def _request_details(request: HttpRequest, body: bytes | None, form: bool = False) -> dict:
     details: dict = {}
     query = request.META.get("QUERY_STRING", "")
     if query:
@@ -34,14 +35,39 @@ def _request_details(request: HttpRequest, body: bytes | None) -> dict:
             details["body"] = json.loads(body)
         except (ValueError, UnicodeDecodeError, RecursionError):
             details["body_bytes"] = len(body)
+    if form:
+        # An admin form or action: which action, on which rows, with which values (secrets
+        # are redacted by key when the event is built; csrfmiddlewaretoken is one of them).
+        details["form"] = {
+            key: values if len(values) > 1 or key == "_selected_action" else values[0]
+            for key, values in list(request.POST.lists())[:100]
+        }
     agent = request.META.get("HTTP_USER_AGENT")
     if agent:
         details["user_agent"] = agent[:200]
     return details
 
 
+def _actor(request: HttpRequest) -> object:
+    """The user as DRF authenticated it; for an /api/ path no DRF view served (a 404), the
+    bearer token is checked here, so a JWT user still appears by name and not as anonymous."""
+    user = getattr(request, "user", None)
+    if getattr(user, "is_authenticated", False) or "HTTP_AUTHORIZATION" not in request.META:
+        return user
+    from rest_framework.exceptions import APIException
+
+    from security.authentication import VersionedJWTAuthentication
+
+    try:
+        found = VersionedJWTAuthentication().authenticate(request)
+    except APIException:
+        return user  # an invalid or revoked token: the request is anonymous, as DRF said
+    return found[0] if found else user
+
+
 class AuditMiddleware:
-    """Assigns a request id and appends one `api.request` event per API call.
+    """Assigns a request id and appends one event per API call (`api.request`) and per admin
+    console form or action sent (`admin.request`).
 
     The event is inserted after the view returns, in autocommit, so it is on disk before the
     response is sent. If that insert fails the client gets a 503 rather than an unrecorded
@@ -54,9 +80,14 @@ class AuditMiddleware:
     def __call__(self, request: HttpRequest) -> HttpResponse:
         supplied = request.META.get("HTTP_X_REQUEST_ID", "")
         request.request_id = supplied if _REQUEST_ID.fullmatch(supplied) else uuid.uuid4().hex
-        audited = settings.ENABLE_AUDIT_LOGGING and request.path.startswith("/api/")
+        api = request.path.startswith("/api/")
+        # Every admin POST, not only those Django logs as a LogEntry: bulk deletes (one bulk
+        # insert of LogEntry rows, no signal) and actions such as disabling a beat task log
+        # nothing of their own.
+        admin = request.method == "POST" and request.path.startswith(_ADMIN_PREFIX)
+        audited = settings.ENABLE_AUDIT_LOGGING and (api or admin)
         body = None
-        if audited and request.method in _WRITE_METHODS:
+        if audited and api and request.method in _WRITE_METHODS:
             try:
                 length = int(request.META.get("CONTENT_LENGTH") or 0)
             except ValueError:
@@ -74,14 +105,14 @@ class AuditMiddleware:
             latency_ms = (time.perf_counter() - started) * 1000
             try:
                 fields = dict(
-                    action=AuditAction.API_REQUEST,
-                    actor=getattr(request, "user", None),
+                    action=AuditAction.API_REQUEST if api else AuditAction.ADMIN_REQUEST,
+                    actor=_actor(request) if api else getattr(request, "user", None),
                     request=request,
                     method=request.method or "",
                     path=request.path,
                     status_code=response.status_code,
                     latency_ms=latency_ms,
-                    details=_request_details(request, body),
+                    details=_request_details(request, body, form=admin),
                 )
                 if settings.AUDIT_GROUP_COMMIT:
                     writer.write(event_values(**fields))

@@ -36,6 +36,8 @@ class AuditEvent(models.Model):
             models.Index(fields=["action", "-id"], name="audit_action_idx"),
             models.Index(fields=["actor_username", "-id"], name="audit_actor_idx"),
             models.Index(fields=["request_id"], name="audit_request_idx"),
+            # Forensics ask "what did this address do": the console's IP search uses it.
+            models.Index(fields=["client_ip", "-id"], name="audit_ip_idx"),
         ]
 
     def __str__(self) -> str:

@@ -365,11 +365,15 @@ def check_chain(*, on_progress: Callable[[int, int], None] | None = None) -> Cha
         fields = dict(zip(_EVENT_FIELDS, row[3:], strict=True))
         fields.update(seq=seq, prev_hash=prev_hash)
         if seq != expected_seq:
+            # The removed event's seal is still there (its own table, no foreign key): name the
+            # event that is gone, not the one after the gap.
+            seals = AuditSeal.objects.filter(seq=expected_seq)
+            gone = seals.values_list("event_id", flat=True).first()
             return ChainCheck(
                 False,
                 checked,
                 unsealed,
-                fields["id"],
+                gone if gone is not None else fields["id"],
                 f"event(s) with seq {expected_seq}..{seq - 1} are missing",
             )
         if prev_hash != prev:

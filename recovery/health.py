@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import uuid
 
 from django.conf import settings
+from django.core.cache import cache
 from django.db import connection
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.cache import never_cache
@@ -43,6 +45,21 @@ def check_broker(timeout: float = 1.0) -> str | None:
     return None
 
 
+def check_cache() -> str | None:
+    """None when the shared cache (Redis with REDIS_URL) stores and returns a value."""
+    key, token = "bridge:ready", uuid.uuid4().hex
+    try:
+        cache.set(key, token, timeout=10)
+        if cache.get(key) != token:
+            return "the cache did not return what was stored"
+    except Exception as exc:
+        text = str(exc).splitlines()[0][:200] if str(exc) else ""
+        if settings.REDIS_URL:
+            text = text.replace(settings.REDIS_URL, "<redis>")
+        return f"{type(exc).__name__}: {text}"
+    return None
+
+
 @never_cache
 @require_GET
 def live(request: HttpRequest) -> JsonResponse:
@@ -52,7 +69,7 @@ def live(request: HttpRequest) -> JsonResponse:
 @never_cache
 @require_GET
 def ready(request: HttpRequest) -> JsonResponse:
-    checks = {"database": check_database(), "broker": check_broker()}
+    checks = {"database": check_database(), "broker": check_broker(), "cache": check_cache()}
     failing = {name: reason for name, reason in checks.items() if reason}
     body = {
         "status": "unavailable" if failing else "ok",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -230,7 +229,8 @@ def server(postgres, gunicorn_server, transactional_db) -> str:
 
 @pytest.fixture
 def chromium() -> str:
-    path = shutil.which("chromium") or "/usr/bin/chromium"
+    # Debian's package only, never a browser a test tool downloaded onto the PATH.
+    path = "/usr/bin/chromium"
     need(Path(path).exists(), "needs Debian's chromium at /usr/bin/chromium")
     return path
 

@@ -162,10 +162,24 @@ def test_a_removed_row_is_found(compliance_api):
         services.record_event(action=f"custom.e{n}")
     services.seal_all_pending()
     victim = AuditEvent.objects.get(action="custom.e2")
+    bypass_triggers("DELETE FROM compliance_auditevent WHERE id = %s", [victim.pk])
+    body = compliance_api.get(VERIFY).json()
+    # the seal row survives the event, so the removed event itself is named
+    assert (body["ok"], body["first_broken_id"]) == (False, victim.pk)
+
+
+@pytest.mark.django_db
+def test_a_removed_row_and_its_seal_are_found_at_the_gap(compliance_api):
+    for n in range(5):
+        services.record_event(action=f"custom.e{n}")
+    services.seal_all_pending()
+    victim = AuditEvent.objects.get(action="custom.e2")
     after = AuditEvent.objects.get(action="custom.e3")
+    bypass_triggers("DELETE FROM compliance_auditseal WHERE event_id = %s", [victim.pk])
     bypass_triggers("DELETE FROM compliance_auditevent WHERE id = %s", [victim.pk])
     body = compliance_api.get(VERIFY).json()
     assert (body["ok"], body["first_broken_id"]) == (False, after.pk)
+    assert "missing" in body["reason"]
 
 
 @pytest.mark.django_db
@@ -236,7 +250,13 @@ def test_admin_logins_are_recorded(operator):
     client.post("/admin/login/?next=/admin/", {"username": "olivia", "password": "bad"})
     client.post("/admin/login/?next=/admin/", {"username": "olivia", "password": PASSWORD})
     actions = list(AuditEvent.objects.order_by("id").values_list("action", flat=True))
-    assert actions == ["auth.login.failed", "auth.login.succeeded"]
+    # each login form sent is also an admin.request (its password redacted)
+    assert actions == [
+        "auth.login.failed",
+        "admin.request",
+        "auth.login.succeeded",
+        "admin.request",
+    ]
 
 
 # --- PostgreSQL: the database itself refuses rewriting history ------------------------------
@@ -489,3 +509,42 @@ def test_beat_installs_the_sealer_every_second_with_stale_ticks_dropped():
     # A backlog of ticks (worker down, busy) must not turn into a burst of sealer runs.
     assert task.expire_seconds == 10
     assert task.task == "compliance.tasks.seal_audit_chain_task"
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("query", "status", "field", "text"),
+    [
+        ({"page": "abc"}, 400, "page", "whole number"),
+        ({"page": "0"}, 400, "page", "1 or more"),
+        ({"page_size": "ten"}, 400, "page_size", "whole number"),
+        ({"page_size": "501"}, 400, "page_size", "500 or less"),
+        ({"page": "99"}, 404, "page", "does not exist"),
+    ],
+)
+def test_bad_paging_is_refused_naming_the_parameter(compliance_api, query, status, field, text):
+    response = compliance_api.get(EVENTS, query)
+    assert response.status_code == status
+    assert text in response.json()[field][0]
+
+
+@pytest.mark.django_db
+def test_the_audit_admin_is_read_only_even_for_a_superuser(admin_user):
+    from django.test import Client
+
+    services.record_event(action="custom.x")
+    event = AuditEvent.objects.get(action="custom.x")
+    client = Client()
+    client.force_login(admin_user)
+    base = "/admin/compliance/auditevent/"
+    change = client.get(f"{base}{event.pk}/change/")
+    assert change.status_code == 200
+    assert b'name="_save"' not in change.content  # shown, not editable
+    assert client.get(f"{base}add/").status_code == 403
+    assert client.post(f"{base}add/", {"action": "custom.forged"}).status_code == 403
+    assert client.post(f"{base}{event.pk}/change/", {"action": "custom.forged"}).status_code == 403
+    assert client.post(f"{base}{event.pk}/delete/", {"post": "yes"}).status_code == 403
+    assert list(AuditEvent.objects.filter(pk=event.pk).values_list("action", flat=True)) == [
+        "custom.x"
+    ]
+    assert not AuditEvent.objects.filter(action="custom.forged").exists()

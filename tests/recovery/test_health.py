@@ -8,6 +8,7 @@ from django.test import override_settings
 
 from compliance.models import AuditEvent
 from recovery import health
+from tests.conftest import need
 
 LIVE = "/health/live"
 READY = "/health/ready"
@@ -29,7 +30,7 @@ def test_ready_probe_reports_database_and_broker_ok_when_both_are_up(anon_api):
     assert response.status_code == 200, response.content
     assert response.json() == {
         "status": "ok",
-        "checks": {"database": "ok", "broker": "ok"},
+        "checks": {"database": "ok", "broker": "ok", "cache": "ok"},
     }
 
 
@@ -96,3 +97,40 @@ def test_health_probes_are_not_audited(anon_api):
         anon_api.get(READY)
     # then
     assert AuditEvent.objects.count() == before == 0
+
+
+REDIS_PASSWORD = "s3cret-redis-pw"
+
+
+@pytest.mark.django_db
+def test_ready_probe_names_an_unreachable_cache_without_revealing_its_url(anon_api):
+    # given REDIS_URL pointing where nobody listens
+    url = f"redis://:{REDIS_PASSWORD}@127.0.0.1:1/0"
+    caches = {
+        "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": url}
+    }
+    with override_settings(REDIS_URL=url, CACHES=caches):
+        # when
+        response = anon_api.get(READY)
+    # then
+    assert response.status_code == 503
+    body = response.json()
+    assert body["failing"] == ["cache"]
+    assert body["checks"]["cache"].startswith("ConnectionError")
+    assert REDIS_PASSWORD not in response.content.decode()
+
+
+def test_with_redis_url_the_shared_cache_is_redis():
+    from django.conf import settings
+    from django.core.cache import cache
+
+    need(bool(settings.REDIS_URL), "needs Redis (set REDIS_URL)")
+    import redis
+
+    # given a value stored through Django's cache
+    cache.set("bridge-test-shared", "seen-by-every-process", timeout=30)
+    # then it is in Redis, where every gunicorn and Celery process on every host reads it
+    keys = redis.Redis.from_url(settings.REDIS_URL).keys("*bridge-test-shared*")
+    assert len(keys) == 1
+    assert cache.get("bridge-test-shared") == "seen-by-every-process"
+    cache.delete("bridge-test-shared")
