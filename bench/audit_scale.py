@@ -31,6 +31,10 @@ PAGES = {
     "console list, page 100": "/admin/compliance/auditevent/?p=100",
     "console filter by action": "/admin/compliance/auditevent/?action=auth.login.failed",
     "console search by username": "/admin/compliance/auditevent/?q=user7",
+    "console search by client IP": "/admin/compliance/auditevent/?q=10.0.0.7",
+    "console filter 5xx (rare)": "/admin/compliance/auditevent/?status_class=5",
+    "console filter 2xx (most)": "/admin/compliance/auditevent/?status_class=2",
+    "console filter waiting for seal": "/admin/compliance/auditevent/?sealed=no",
     "console dashboard": "/admin/",
     "API list, page size 10": "/api/compliance/audit/events?page_size=10",
     "API list filtered by actor": "/api/compliance/audit/events?actor=user7&page_size=10",
@@ -52,9 +56,12 @@ def grow(total: int) -> None:
                 request_id, action, object_type, object_id, method, path, status_code,
                 latency_ms, details)
             SELECT now() - (g * interval '2.6 seconds'), NULL, 'user' || (g %% 100),
-                   '10.0.0.1', md5(g::text), (ARRAY['api.request', 'api.request', 'api.request',
+                   ('10.0.' || (g %% 7) || '.' || (g %% 250))::inet, md5(g::text),
+                   (ARRAY['api.request', 'api.request', 'api.request',
                    'auth.login.succeeded', 'auth.login.failed'])[1 + g %% 5], '', '',
-                   'GET', '/api/compliance/audit/events', 200, 3.5, '{"n":' || g || '}'
+                   'GET', '/api/compliance/audit/events',
+                   CASE WHEN g %% 997 = 0 THEN 500 WHEN g %% 50 = 0 THEN 404 ELSE 200 END,
+                   3.5, '{"n":' || g || '}'
             FROM generate_series(1, %s) AS g
             """,
             [total],

@@ -12,7 +12,7 @@ from django.views.decorators.http import require_POST
 
 from compliance import services
 from compliance.choices import AuditAction, VerificationSource, VerificationStatus
-from compliance.models import AuditEvent, AuditVerification
+from compliance.models import AuditChainHead, AuditEvent, AuditVerification
 
 _STATUS_COLOURS = {2: "#2e9e44", 3: "#417690", 4: "#e0a100", 5: "#d1302f"}
 
@@ -20,8 +20,12 @@ _STATUS_COLOURS = {2: "#2e9e44", 3: "#417690", 4: "#e0a100", 5: "#d1302f"}
 class ChainHeadPaginator(Paginator):
     """Counts the unfiltered list from the chain head: no COUNT(*) over a million rows."""
 
+    known_count: int | None = None
+
     @cached_property
     def count(self) -> int:
+        if self.known_count is not None:
+            return self.known_count
         if not self.object_list.query.where:
             return services.total_event_count()
         return super().count
@@ -58,6 +62,11 @@ class StatusClassFilter(admin.SimpleListFilter):
         return queryset
 
 
+def _sealed_floor() -> int:
+    head = AuditChainHead.objects.filter(pk=1).first()
+    return (head.last_event_id or 0) if head else 0
+
+
 class SealedFilter(admin.SimpleListFilter):
     title = "sealed"
     parameter_name = "sealed"
@@ -69,7 +78,11 @@ class SealedFilter(admin.SimpleListFilter):
         if self.value() == "yes":
             return queryset.filter(seal__isnull=False)
         if self.value() == "no":
-            return queryset.filter(seal__isnull=True)
+            # Above the last sealed id: a primary-key range, and nothing there has a seal. A
+            # straggler (committed after a newer event was sealed; sealed within the minute) is
+            # not listed, as it is left out of the unfiltered total: finding it by anti-join
+            # took 0.25-0.6 s per page at a million events.
+            return queryset.filter(id__gt=_sealed_floor())
         return queryset
 
 
@@ -111,6 +124,24 @@ class AuditEventAdmin(ReadOnlyAdmin):
     list_per_page = 50
     ordering = ("-id",)
     readonly_fields = [field.name for field in AuditEvent._meta.fields]
+
+    def get_paginator(
+        self,
+        request: HttpRequest,
+        queryset: QuerySet,
+        per_page: int,
+        orphans: int = 0,
+        allow_empty_first_page: bool = True,
+    ) -> Paginator:
+        paginator = super().get_paginator(
+            request, queryset, per_page, orphans, allow_empty_first_page
+        )
+        filters = {key for key in request.GET if key not in ("p", "o")}
+        if filters == {"sealed"} and request.GET["sealed"] == "yes":
+            # Exactly the sealed events: the chain head's seq, not a join over the table.
+            head = AuditChainHead.objects.filter(pk=1).first()
+            paginator.known_count = head.last_seq if head else 0
+        return paginator
 
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet, search_term: str

@@ -38,6 +38,8 @@ class AuditEvent(models.Model):
             models.Index(fields=["request_id"], name="audit_request_idx"),
             # Forensics ask "what did this address do": the console's IP search uses it.
             models.Index(fields=["client_ip", "-id"], name="audit_ip_idx"),
+            # The console's status filter (5xx are rare: without it, counting them scans all).
+            models.Index(fields=["status_code", "-id"], name="audit_status_idx"),
         ]
 
     def __str__(self) -> str:

@@ -548,3 +548,34 @@ def test_the_audit_admin_is_read_only_even_for_a_superuser(admin_user):
         "custom.x"
     ]
     assert not AuditEvent.objects.filter(action="custom.forged").exists()
+
+
+def _console_ids(client, query: str) -> tuple[list[int], str]:
+    import re
+
+    page = client.get(f"/admin/compliance/auditevent/?{query}").content.decode()
+    ids = [int(n) for n in re.findall(r"/admin/compliance/auditevent/(\d+)/change/", page)]
+    return ids, page
+
+
+@pytest.mark.django_db
+def test_the_console_filters_by_seal_and_status_class(admin_user):
+    from django.test import Client
+
+    client = Client()
+    client.force_login(admin_user)  # itself an event (auth.login.succeeded)
+    for status in (200, 404, 503):
+        services.record_event(action="api.request", status_code=status)
+    services.seal_all_pending()
+    later = services.record_event(action="custom.late")
+    sealed = set(AuditEvent.objects.filter(seal__isnull=False).values_list("id", flat=True))
+    # waiting for seal: exactly the event recorded after the last seal
+    waiting, _ = _console_ids(client, "sealed=no")
+    assert waiting == [later]
+    # sealed: every sealed event, counted from the chain head
+    listed, page = _console_ids(client, "sealed=yes")
+    assert set(listed) == sealed
+    assert f"{len(sealed)} audit events" in page
+    # 5xx: only the 503
+    server_errors, _ = _console_ids(client, "status_class=5")
+    assert [AuditEvent.objects.get(pk=pk).status_code for pk in server_errors] == [503]
