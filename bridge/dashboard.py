@@ -11,8 +11,8 @@ from django.db.models.functions import TruncHour
 from django.utils import timezone
 
 from compliance.choices import AuditAction, VerificationStatus
-from compliance.models import AuditChainHead, AuditEvent, AuditVerification
-from compliance.services import total_event_count
+from compliance.models import AuditEvent, AuditVerification
+from compliance.services import chain_head, total_event_count
 from recovery.health import check_broker, check_database
 from security.models import TokenFamily
 
@@ -44,7 +44,7 @@ def _hourly_bars(since_hours: int = 24) -> list[dict]:
 def build_dashboard() -> dict:
     now = timezone.now()
     day_ago = now - timedelta(days=1)
-    head = AuditChainHead.objects.filter(pk=1).first()
+    head = chain_head()
     last_run = AuditVerification.objects.exclude(status=VerificationStatus.RUNNING).first()
     unsealed = total_event_count() - (head.last_seq if head else 0)
     database, broker = check_database(), check_broker()

@@ -12,7 +12,7 @@ from django.views.decorators.http import require_POST
 
 from compliance import services
 from compliance.choices import AuditAction, VerificationSource, VerificationStatus
-from compliance.models import AuditChainHead, AuditEvent, AuditVerification
+from compliance.models import AuditEvent, AuditVerification
 
 _STATUS_COLOURS = {2: "#2e9e44", 3: "#417690", 4: "#e0a100", 5: "#d1302f"}
 
@@ -63,7 +63,7 @@ class StatusClassFilter(admin.SimpleListFilter):
 
 
 def _sealed_floor() -> int:
-    head = AuditChainHead.objects.filter(pk=1).first()
+    head = services.chain_head()
     return (head.last_event_id or 0) if head else 0
 
 
@@ -139,7 +139,7 @@ class AuditEventAdmin(ReadOnlyAdmin):
         filters = {key for key in request.GET if key not in ("p", "o")}
         if filters == {"sealed"} and request.GET["sealed"] == "yes":
             # Exactly the sealed events: the chain head's seq, not a join over the table.
-            head = AuditChainHead.objects.filter(pk=1).first()
+            head = services.chain_head()
             paginator.known_count = head.last_seq if head else 0
         return paginator
 

@@ -12,10 +12,12 @@ from urllib.parse import parse_qsl
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from rest_framework.exceptions import APIException
 
 from compliance.choices import AuditAction
 from compliance.services import current_request, event_values, record_event
 from compliance.writer import writer
+from security.authentication import VersionedJWTAuthentication
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +56,6 @@ def _actor(request: HttpRequest) -> object:
     user = getattr(request, "user", None)
     if getattr(user, "is_authenticated", False) or "HTTP_AUTHORIZATION" not in request.META:
         return user
-    from rest_framework.exceptions import APIException
-
-    from security.authentication import VersionedJWTAuthentication
-
     try:
         found = VersionedJWTAuthentication().authenticate(request)
     except APIException:

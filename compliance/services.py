@@ -259,6 +259,11 @@ def log_custom_event(
     return AuditEvent.objects.get(pk=event_id)
 
 
+def chain_head() -> AuditChainHead | None:
+    """The chain head as last committed (None before the first migration made it)."""
+    return AuditChainHead.objects.filter(pk=1).first()
+
+
 def _head_for_update() -> AuditChainHead:
     head = AuditChainHead.objects.select_for_update().filter(pk=1).first()
     if head is None:
@@ -353,7 +358,7 @@ def check_chain(*, on_progress: Callable[[int, int], None] | None = None) -> Cha
 
     `on_progress(checked, total)` is called every PROGRESS_EVERY events.
     """
-    head = AuditChainHead.objects.filter(pk=1).first()
+    head = chain_head()
     head_seq = head.last_seq if head else 0
     head_hash = head.last_hash if head else GENESIS_HASH
     unsealed = unsealed_count()
@@ -412,7 +417,7 @@ def verify_chain(
     A broken chain is logged at ERROR level and recorded as `audit.broken`.
     """
     who = Actor.of(actor)
-    head = AuditChainHead.objects.filter(pk=1).first()
+    head = chain_head()
     run = AuditVerification.objects.create(
         source=source,
         requested_by=who.username,

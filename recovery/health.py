@@ -14,6 +14,15 @@ from django.views.decorators.http import require_GET
 from kombu import Connection
 
 
+def _reason(exc: Exception, url: str = "", placeholder: str = "") -> str:
+    """The exception's type and first line. Client exception texts can embed the connection
+    URL, which may carry a password: it is replaced by `placeholder`."""
+    text = str(exc).splitlines()[0][:200] if str(exc) else ""
+    if url:
+        text = text.replace(url, placeholder)
+    return f"{type(exc).__name__}: {text}"
+
+
 def check_database() -> str | None:
     """None when the database answers, else a short reason (no connection string in it)."""
     try:
@@ -21,7 +30,7 @@ def check_database() -> str | None:
             cursor.execute("SELECT 1")
             cursor.fetchone()
     except Exception as exc:
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        return _reason(exc)
     return None
 
 
@@ -38,10 +47,7 @@ def check_broker(timeout: float = 1.0) -> str | None:
         if folder and not os.access(folder, os.W_OK):
             return f"queue folder {folder} is not writable"
     except Exception as exc:
-        # Exception texts from clients can embed the URL; keep only the type and first line,
-        # and never the configured URL (it may carry a password).
-        text = str(exc).splitlines()[0][:200] if str(exc) else ""
-        return f"{type(exc).__name__}: {text.replace(settings.CELERY_BROKER_URL, '<broker>')}"
+        return _reason(exc, settings.CELERY_BROKER_URL, "<broker>")
     return None
 
 
@@ -53,10 +59,7 @@ def check_cache() -> str | None:
         if cache.get(key) != token:
             return "the cache did not return what was stored"
     except Exception as exc:
-        text = str(exc).splitlines()[0][:200] if str(exc) else ""
-        if settings.REDIS_URL:
-            text = text.replace(settings.REDIS_URL, "<redis>")
-        return f"{type(exc).__name__}: {text}"
+        return _reason(exc, settings.REDIS_URL or "", "<redis>")
     return None
 
 
