@@ -25,6 +25,7 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _BODY_LIMIT = 64 * 1024
 _WRITE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 _ADMIN_PREFIX = "/admin/"
+_FORM_VALUE_LIMIT = 1000
 
 
 def _request_details(request: HttpRequest, body: bytes | None, form: bool = False) -> dict:
@@ -40,9 +41,14 @@ def _request_details(request: HttpRequest, body: bytes | None, form: bool = Fals
     if form:
         # An admin form or action: which action, on which rows, with which values (secrets
         # are redacted by key when the event is built; csrfmiddlewaretoken is one of them).
+        # Values are capped: a pasted certificate or long description is not the point here.
+        form = {
+            key: [value[:_FORM_VALUE_LIMIT] for value in values]
+            for key, values in list(request.POST.lists())[:100]
+        }
         details["form"] = {
             key: values if len(values) > 1 or key == "_selected_action" else values[0]
-            for key, values in list(request.POST.lists())[:100]
+            for key, values in form.items()
         }
     agent = request.META.get("HTTP_USER_AGENT")
     if agent:

@@ -138,3 +138,12 @@ def test_lockout_429s_are_in_the_trail_as_api_requests(anon_api):
         .values_list("status_code", flat=True)
     )
     assert statuses == [401, 401, 401, 401, 429, 429]
+
+
+@pytest.mark.django_db
+def test_long_admin_form_values_are_capped_in_the_trail(admin_user):
+    client = Client()
+    client.force_login(admin_user)
+    client.post(TASKS, {"action": "disable_tasks", "_selected_action": [], "note": "x" * 5000})
+    event = AuditEvent.objects.filter(action="admin.request", path=TASKS).latest("id")
+    assert event.details_data["form"]["note"] == "x" * 1000
