@@ -134,7 +134,7 @@ class Sealer(threading.Thread):
     def run(self) -> None:
         from django.db import connection
 
-        from compliance.services import seal_all_pending
+        from compliance.chain import seal_all_pending
 
         while not self.halt.wait(self.interval):
             self.sealed += seal_all_pending()
@@ -179,8 +179,10 @@ def main() -> None:
     from django.db import connection
     from rest_framework_simplejwt.tokens import RefreshToken
 
+    from compliance.audit import record_event
+    from compliance.chain import seal_all_pending
     from compliance.models import AuditEvent
-    from compliance.services import check_chain, record_event, seal_all_pending
+    from compliance.verification import check_chain
     from security.models import TokenFamily, User
 
     seal_interval = args.seal_interval or float(settings.AUDIT_SEAL_INTERVAL)

@@ -98,7 +98,8 @@ def main() -> None:
     from django.test import Client
     from django.test.utils import override_settings
 
-    from compliance.services import check_chain, seal_all_pending
+    from compliance.chain import seal_all_pending
+    from compliance.verification import check_chain
     from security.models import User
 
     admin = User.objects.create_superuser("root", password="Bench-Password-123", email="")

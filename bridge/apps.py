@@ -1,5 +1,18 @@
+from django.apps import AppConfig
 from django.contrib.admin.apps import AdminConfig
 
 
 class BridgeAdminConfig(AdminConfig):
     default_site = "bridge.admin_site.BridgeAdminSite"
+
+
+class BridgeConfig(AppConfig):
+    """The small shared platform: jobs, API base classes, roles, console panels."""
+
+    name = "bridge"
+    label = "bridge"
+    verbose_name = "Platform"
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from bridge import roles  # noqa: F401  (connects the post_migrate role sync)

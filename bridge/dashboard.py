@@ -10,9 +10,10 @@ from django.db.models import Count
 from django.db.models.functions import TruncHour
 from django.utils import timezone
 
-from compliance.choices import AuditAction, VerificationStatus
-from compliance.models import AuditEvent, AuditVerification
-from compliance.services import chain_head, total_event_count
+from compliance.chain import chain_head, total_event_count
+from compliance.choices import AuditAction
+from compliance.models import AuditEvent
+from compliance.verification import latest_verification
 from recovery.health import check_broker, check_database
 from security.models import TokenFamily
 
@@ -45,7 +46,7 @@ def build_dashboard() -> dict:
     now = timezone.now()
     day_ago = now - timedelta(days=1)
     head = chain_head()
-    last_run = AuditVerification.objects.exclude(status=VerificationStatus.RUNNING).first()
+    last_run = latest_verification()
     unsealed = total_event_count() - (head.last_seq if head else 0)
     database, broker = check_database(), check_broker()
     locked = AccessAttempt.objects.filter(
@@ -64,9 +65,7 @@ def build_dashboard() -> dict:
             "unsealed": unsealed,
             "sealed_at": head.sealed_at if head else None,
             "last_run": last_run,
-            "state": "unknown"
-            if last_run is None
-            else ("ok" if last_run.status == VerificationStatus.OK else "bad"),
+            "state": "unknown" if last_run is None else ("ok" if last_run.ok else "bad"),
             "logging_enabled": settings.ENABLE_AUDIT_LOGGING,
             "bars": _hourly_bars(),
         },

@@ -21,8 +21,13 @@ VAR_DIR = Path(env_str("BRIDGE_VAR_DIR", str(BASE_DIR / "var")))
 VAR_DIR.mkdir(parents=True, exist_ok=True)
 
 # --- Core ---------------------------------------------------------------------------------
-DEBUG = env_bool("DEBUG", env_str("BRIDGE_ENV", "development") != "production")
+PRODUCTION = env_str("BRIDGE_ENV", "development") == "production"
+DEBUG = env_bool("DEBUG", not PRODUCTION)
+# `make run` (bin/run) on a workstation: DEBUG off like production, but on the generated key
+# and the local host names, over plain http. Never in production, whatever the environment says.
+LOCAL_RUN = env_bool("BRIDGE_LOCAL_RUN", False) and not PRODUCTION
 _DEV_KEY_FILE = VAR_DIR / "dev_secret_key"
+_LOCAL_HOSTS = "localhost,127.0.0.1,[::1]"
 
 
 def _secret_key() -> str:
@@ -31,11 +36,11 @@ def _secret_key() -> str:
         if len(key) < 32:
             raise ImproperlyConfigured("SECRET_KEY must be at least 32 characters long")
         return key
-    if not DEBUG:
+    if not (DEBUG or LOCAL_RUN):
         raise ImproperlyConfigured(
             "SECRET_KEY is not set: with DEBUG off Bridge refuses to start on a default key"
         )
-    # Development only: one random key per checkout, shared by web, worker and beat.
+    # Development and `make run` only: one random key per var dir, shared by web, worker, beat.
     if not _DEV_KEY_FILE.exists():
         tmp = _DEV_KEY_FILE.with_suffix(".tmp")
         tmp.write_text(secrets.token_urlsafe(50))
@@ -45,7 +50,10 @@ def _secret_key() -> str:
 
 
 SECRET_KEY = _secret_key()
-ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver" if DEBUG else "")
+if DEBUG:
+    ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", f"{_LOCAL_HOSTS},testserver")
+else:
+    ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", _LOCAL_HOSTS if LOCAL_RUN else "")
 if not DEBUG and not ALLOWED_HOSTS:
     raise ImproperlyConfigured("ALLOWED_HOSTS is empty: with DEBUG off set the served host names")
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
@@ -58,13 +66,18 @@ except ValueError as exc:
     raise ImproperlyConfigured(f"TRUSTED_PROXIES: {exc}") from exc
 
 INSTALLED_APPS = [
+    # unfold's templates must be found before django.contrib.admin's.
+    "unfold",
+    "unfold.contrib.filters",
     "bridge.apps.BridgeAdminConfig",
+    "bridge.apps.BridgeConfig",
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
     "django.contrib.messages",
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
+    "django_filters",
     "rest_framework",
     "rest_framework_simplejwt.token_blacklist",
     "drf_spectacular",
@@ -79,6 +92,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # Before WhiteNoise, so that static files (an SVG opened directly, say) carry it too.
+    "csp.middleware.CSPMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     # Outermost of ours so it records the final status, including axes' lockout responses.
     "compliance.middleware.AuditMiddleware",
@@ -137,10 +152,34 @@ else:
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
+# A database that stops answering must not hold requests, workers or the readiness probe
+# forever: connecting gives up after DB_CONNECT_TIMEOUT seconds and PostgreSQL cancels any
+# statement running longer than DB_STATEMENT_TIMEOUT ("0": no limit, e.g. for a long migration).
+# SQLite keeps its busy timeout above (how long a writer waits for the write lock).
+DB_CONNECT_TIMEOUT = env_int("DB_CONNECT_TIMEOUT", 5, minimum=1)
+DB_STATEMENT_TIMEOUT = (
+    None
+    if env_str("DB_STATEMENT_TIMEOUT", "30s").strip() == "0"
+    else env_duration("DB_STATEMENT_TIMEOUT", "30s")
+)
+if "postgresql" in DATABASES["default"]["ENGINE"] or "postgis" in DATABASES["default"]["ENGINE"]:
+    _db_options = DATABASES["default"].setdefault("OPTIONS", {})
+    _db_options.setdefault("connect_timeout", DB_CONNECT_TIMEOUT)
+    if DB_STATEMENT_TIMEOUT is not None:
+        _ms = int(DB_STATEMENT_TIMEOUT.total_seconds() * 1000)
+        _db_options["options"] = f"{_db_options.get('options', '')} -c statement_timeout={_ms}"
+        _db_options["options"] = _db_options["options"].strip()
+# The same for Redis: connecting and every command give up after REDIS_TIMEOUT seconds.
+REDIS_TIMEOUT = env_int("REDIS_TIMEOUT", 5, minimum=1)
+
 REDIS_URL = env_str("REDIS_URL")
 if REDIS_URL:
     CACHES = {
-        "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "OPTIONS": {"socket_connect_timeout": REDIS_TIMEOUT, "socket_timeout": REDIS_TIMEOUT},
+        }
     }
 else:
     # Files under var/: shared by every process of the one host the embedded setup runs on
@@ -163,6 +202,16 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
+
+# Tests only: a fast hasher so that each test login costs microseconds, not PBKDF2's 0.3 s.
+# Refused in production, and never the first choice for a stored password elsewhere.
+if env_bool("BRIDGE_FAST_PASSWORD_HASHER", False):
+    if env_str("BRIDGE_ENV", "development") == "production":
+        raise ImproperlyConfigured("BRIDGE_FAST_PASSWORD_HASHER is for tests, not production")
+    PASSWORD_HASHERS = [
+        "django.contrib.auth.hashers.MD5PasswordHasher",
+        "django.contrib.auth.hashers.PBKDF2PasswordHasher",
+    ]
 
 JWT_EXPIRATION = env_duration("JWT_EXPIRATION", "15m")
 JWT_REFRESH_EXPIRATION = env_duration("JWT_REFRESH_EXPIRATION", "1d")
@@ -225,6 +274,13 @@ AUDIT_SEAL_BATCH = env_int("AUDIT_SEAL_BATCH", 5000, minimum=1)
 # Request events of concurrent requests share one INSERT and one commit (compliance/writer.py).
 AUDIT_GROUP_COMMIT = env_bool("AUDIT_GROUP_COMMIT", True)
 
+# --- Jobs -------------------------------------------------------------------------------
+# A running job reports progress (its heartbeat) at least this often, or the reaper fails it as
+# lost with its worker; a pending job no worker took within the second limit fails likewise.
+JOB_HEARTBEAT_TIMEOUT = env_int("JOB_HEARTBEAT_TIMEOUT", 300, minimum=10)
+JOB_PENDING_TIMEOUT = env_int("JOB_PENDING_TIMEOUT", 3600, minimum=60)
+AUDIT_VERIFY_INTERVAL = env_int("AUDIT_VERIFY_INTERVAL", 3600, minimum=60)
+
 # --- Celery -------------------------------------------------------------------------------
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL") or "filesystem://"
 CELERY_BROKER_TRANSPORT_OPTIONS: dict = {}
@@ -241,6 +297,9 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "control_folder": str(VAR_DIR / "celery" / "control"),
         "store_processed": False,
     }
+# Worker and beat import it at start: its signal handlers write their heartbeats, which
+# /health/ready reads (recovery/health.py).
+CELERY_IMPORTS = ["recovery.health"]
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 CELERY_TASK_ACKS_LATE = True
@@ -263,6 +322,15 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": 3600.0,
         "kwargs": {"sweep": True},
     },
+    "verify-audit-chain": {
+        "task": "compliance.tasks.scheduled_verification_task",
+        "schedule": float(AUDIT_VERIFY_INTERVAL),
+    },
+    "reap-stale-jobs": {
+        "task": "bridge.tasks.reap_stale_jobs_task",
+        "schedule": 60.0,
+        "options": {"expire_seconds": 60},
+    },
 }
 
 # --- I18N, static -------------------------------------------------------------------------
@@ -279,22 +347,76 @@ STORAGES = {
 }
 WHITENOISE_USE_FINDERS = DEBUG
 
-# --- Hardening when not in DEBUG ----------------------------------------------------------
+# --- Hardening ----------------------------------------------------------------------------
 SESSION_COOKIE_HTTPONLY = True
+X_FRAME_OPTIONS = "DENY"
+# Error pages (DEBUG's technical page included) and error mails hide the connection URLs,
+# which carry passwords, as they hide SECRET_KEY.
+DEFAULT_EXCEPTION_REPORTER_FILTER = "bridge.runtime.SecretUrlFilter"
 if not DEBUG:
-    SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", True)
-    CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", True)
+    # Cookies only over HTTPS; `make run` serves plain http on 127.0.0.1, so not there.
+    SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", not LOCAL_RUN)
+    CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", not LOCAL_RUN)
     SECURE_CONTENT_TYPE_NOSNIFF = True
+    # Off until TLS is in place: a browser that learnt HSTS cannot reach plain http for max-age.
     SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0, minimum=0)
+    # Opt-in: they bind every subdomain of the site, and preload lists are slow to leave.
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+    SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
+    SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
+    # Load balancers probe over plain http from the inside; a redirect would read as "down".
+    SECURE_REDIRECT_EXEMPT = [r"^health/"]
+# Behind a TLS-terminating proxy that sets this header (e.g. X-Forwarded-Proto) on every
+# request: "https" in it means the client spoke HTTPS. Never set it without such a proxy, or
+# any client could claim HTTPS.
+_proxy_ssl_header = env_str("SECURE_PROXY_SSL_HEADER").strip()
+if _proxy_ssl_header:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_" + _proxy_ssl_header.upper().replace("-", "_"), "https")
+
+# Content-Security-Policy on every response (django-csp). Scripts only from Bridge itself:
+# Swagger UI loads its start-up script from its own URL rather than inline. 'unsafe-eval' is
+# for Alpine.js, which the console (unfold) uses and which evaluates its x-data/x-on attributes
+# with new Function(). Styles allow 'unsafe-inline': unfold, Swagger UI and the dashboard set
+# style attributes and <style> blocks, which no nonce or hash can cover.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'self'"],
+        "script-src": ["'self'", "'unsafe-eval'"],
+        "style-src": ["'self'", "'unsafe-inline'"],
+        "img-src": ["'self'", "data:"],
+        "font-src": ["'self'", "data:"],
+        "connect-src": ["'self'"],
+        "object-src": ["'none'"],
+        "base-uri": ["'self'"],
+        "form-action": ["'self'"],
+        "frame-ancestors": ["'none'"],
+    }
+}
+
+# --- Health probes (recovery/health.py) ----------------------------------------------------
+# /health/ready reports the worker or beat as missing ("degraded") once its last heartbeat is
+# older than this (they beat every few seconds) ...
+HEALTH_HEARTBEAT_MAX_AGE = env_duration("HEALTH_HEARTBEAT_MAX_AGE", "30s")
+# ... and the audit trail once its oldest unsealed event is older than this (or than three
+# AUDIT_SEAL_INTERVALs, if longer): the sealer is behind or stopped.
+AUDIT_UNSEALED_MAX_AGE = env_duration("AUDIT_UNSEALED_MAX_AGE", "60s")
 
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "filters": {"quiet_static": {"()": "bridge.runtime.QuietStaticAccessFilter"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {
         "axes": {"level": "WARNING"},
+        # gunicorn's access log (`make run`), minus the static files a page load pulls in.
+        "gunicorn.access": {
+            "handlers": ["console"],
+            "filters": ["quiet_static"],
+            "level": "INFO",
+            "propagate": False,
+        },
         # Celery logs every task sent, received and succeeded at INFO: with the sealer ticking
         # each second that buries everything else. Failures are still logged (ERROR).
         "celery.app.trace": {"level": "WARNING"},

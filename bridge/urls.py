@@ -1,18 +1,43 @@
 from django.contrib import admin
-from django.http import HttpRequest, JsonResponse
-from django.urls import include, path
+from django.contrib.auth.views import redirect_to_login
+from django.http import HttpRequest, HttpResponseBase, JsonResponse
+from django.urls import include, path, re_path
+from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from rest_framework.response import Response
 
 from recovery import health
 
+
+class DocsView(SpectacularSwaggerView):
+    """Swagger UI; an anonymous browser is sent to the console login and back."""
+
+    def handle_exception(self, exc: Exception) -> Response | HttpResponseBase:
+        request = self.request
+        browser = "text/html" in request.META.get("HTTP_ACCEPT", "")
+        if browser and not request.user.is_authenticated:
+            return redirect_to_login(request.get_full_path(), "admin:login")
+        return super().handle_exception(exc)
+
+
+def api_not_found(request: HttpRequest) -> JsonResponse:
+    return JsonResponse(
+        {"detail": "Not found.", "code": "not_found", "path": request.path}, status=404
+    )
+
+
 urlpatterns = [
+    path("", RedirectView.as_view(pattern_name="admin:index"), name="home"),
     path("admin/", admin.site.urls),
     path("health/live", health.live, name="health-live"),
     path("health/ready", health.ready, name="health-ready"),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
-    path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    path("api/docs/", DocsView.as_view(url_name="api-schema"), name="api-docs"),
     path("api/security/", include("security.api.urls")),
     path("api/compliance/", include("compliance.api.urls")),
+    path("api/", include("bridge.api_urls")),
+    # Anything else under /api/ is a JSON 404 in every mode (DEBUG's HTML page included).
+    re_path(r"^api/", api_not_found),
 ]
 
 

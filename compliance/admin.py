@@ -1,6 +1,6 @@
 import ipaddress
 
-from django.contrib import admin, messages
+from django.contrib import admin
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db.models import Q, QuerySet
@@ -10,8 +10,10 @@ from django.utils.functional import cached_property
 from django.utils.html import format_html
 from django.views.decorators.http import require_POST
 
-from compliance import services
-from compliance.choices import AuditAction, VerificationSource, VerificationStatus
+from bridge.admin import JobAdminMixin, ReadOnlyAdmin
+from compliance import chain, verification
+from compliance.audit import AuditContext
+from compliance.choices import AuditAction, VerificationSource
 from compliance.models import AuditEvent, AuditVerification
 
 _STATUS_COLOURS = {2: "#2e9e44", 3: "#417690", 4: "#e0a100", 5: "#d1302f"}
@@ -27,7 +29,7 @@ class ChainHeadPaginator(Paginator):
         if self.known_count is not None:
             return self.known_count
         if not self.object_list.query.where:
-            return services.total_event_count()
+            return chain.total_event_count()
         return super().count
 
 
@@ -63,7 +65,7 @@ class StatusClassFilter(admin.SimpleListFilter):
 
 
 def _sealed_floor() -> int:
-    head = services.chain_head()
+    head = chain.chain_head()
     return (head.last_event_id or 0) if head else 0
 
 
@@ -84,19 +86,6 @@ class SealedFilter(admin.SimpleListFilter):
             # took 0.25-0.6 s per page at a million events.
             return queryset.filter(id__gt=_sealed_floor())
         return queryset
-
-
-class ReadOnlyAdmin(admin.ModelAdmin):
-    """Append-only records: visible to those allowed to view them, never edited here."""
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        return False
 
 
 @admin.register(AuditEvent)
@@ -139,7 +128,7 @@ class AuditEventAdmin(ReadOnlyAdmin):
         filters = {key for key in request.GET if key not in ("p", "o")}
         if filters == {"sealed"} and request.GET["sealed"] == "yes":
             # Exactly the sealed events: the chain head's seq, not a join over the table.
-            head = services.chain_head()
+            head = chain.chain_head()
             paginator.known_count = head.last_seq if head else 0
         return paginator
 
@@ -172,40 +161,28 @@ class AuditEventAdmin(ReadOnlyAdmin):
 
 
 @admin.register(AuditVerification)
-class AuditVerificationAdmin(ReadOnlyAdmin):
+class AuditVerificationAdmin(JobAdminMixin, ReadOnlyAdmin):
     list_display = (
         "id",
-        "started_at",
-        "coloured_status",
-        "progress",
+        "created_at",
+        "outcome",
+        "progress_bar",
         "source",
-        "requested_by",
+        "actor_username",
         "checked",
         "unsealed",
         "first_broken_id",
         "reason",
     )
-    list_filter = ("status", "source")
+    list_filter = ("status",)
     change_list_template = "admin/compliance/auditverification/change_list.html"
 
-    @admin.display(description="status", ordering="status")
-    def coloured_status(self, run: AuditVerification) -> str:
-        colour = {
-            VerificationStatus.OK: "#2e9e44",
-            VerificationStatus.BROKEN: "#d1302f",
-            VerificationStatus.FAILED: "#d1302f",
-        }.get(run.status, "#777")
-        return format_html('<b style="color:{}">{}</b>', colour, run.get_status_display())
-
-    @admin.display(description="progress")
-    def progress(self, run: AuditVerification) -> str:
-        return format_html(
-            '<div style="width:120px;background:#eee;border-radius:3px">'
-            '<div style="width:{}%;background:#417690;color:#fff;font-size:10px;'
-            'text-align:right;padding-right:2px;border-radius:3px">{}%</div></div>',
-            run.percent,
-            run.percent,
-        )
+    @admin.display(description="outcome", ordering="status")
+    def outcome(self, run: AuditVerification) -> str:
+        if run.ok is None:
+            return self.coloured_status(run)
+        colour, text = ("#2e9e44", "intact") if run.ok else ("#d1302f", "BROKEN")
+        return format_html('<b style="color:{}">{}</b>', colour, text)
 
     def get_urls(self) -> list:
         verify = self.admin_site.admin_view(require_POST(self.verify_view))
@@ -215,19 +192,10 @@ class AuditVerificationAdmin(ReadOnlyAdmin):
         ]
 
     def verify_view(self, request: HttpRequest) -> HttpResponseRedirect:
-        if not self.has_view_permission(request):
+        if not request.user.has_perm("compliance.verify_chain"):
             raise PermissionDenied
-        run = services.verify_chain(
-            source=VerificationSource.ADMIN, actor=request.user, request=request
+        job = verification.start_verification(
+            context=AuditContext.from_request(request), source=VerificationSource.ADMIN
         )
-        if run.status == VerificationStatus.OK:
-            self.message_user(
-                request, f"Chain intact: {run.checked} events checked, {run.unsealed} unsealed."
-            )
-        else:
-            self.message_user(
-                request,
-                f"CHAIN BROKEN at event {run.first_broken_id}: {run.reason}",
-                level=messages.ERROR,
-            )
+        self.message_user(request, f"Verification {job.pk} started; its progress shows below.")
         return HttpResponseRedirect(reverse("admin:compliance_auditverification_changelist"))

@@ -5,4 +5,4 @@ class ComplianceConfig(AppConfig):
     name = "compliance"
 
     def ready(self) -> None:
-        from compliance import signals  # noqa: F401  (connects the admin audit receivers)
+        from compliance import signals, tasks  # noqa: F401  (audit receivers; job kinds)

@@ -17,16 +17,17 @@ class AuditAction(models.TextChoices):
     AUDIT_VERIFIED = "audit.verified", "Audit chain verified"
     AUDIT_BROKEN = "audit.broken", "Audit chain broken"
     ADMIN_ACCOUNT = "admin.account", "Admin account ensured"
+    JOB_REQUESTED = "job.requested", "Job requested"
+    JOB_SUCCEEDED = "job.succeeded", "Job succeeded"
+    JOB_FAILED = "job.failed", "Job failed"
+    JOB_CANCELLED = "job.cancelled", "Job cancelled"
+    JOB_CANCEL_REQUESTED = "job.cancel_requested", "Job cancel requested"
 
 
 CUSTOM_ACTION_PREFIX = "custom."
 
 
-class VerificationStatus(models.TextChoices):
-    RUNNING = "running", "Running"
-    OK = "ok", "Intact"
-    BROKEN = "broken", "Broken"
-    FAILED = "failed", "Failed to run"
+VERIFY_JOB_KIND = "compliance.verify_audit_chain"
 
 
 class VerificationSource(models.TextChoices):

@@ -14,8 +14,8 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from rest_framework.exceptions import APIException
 
+from compliance.audit import AuditContext, current_request, event_values, record_event
 from compliance.choices import AuditAction
-from compliance.services import current_request, event_values, record_event
 from compliance.writer import writer
 from security.authentication import VersionedJWTAuthentication
 
@@ -110,8 +110,9 @@ class AuditMiddleware:
             try:
                 fields = dict(
                     action=AuditAction.API_REQUEST if api else AuditAction.ADMIN_REQUEST,
-                    actor=_actor(request) if api else getattr(request, "user", None),
-                    request=request,
+                    context=AuditContext.from_request(
+                        request, user=_actor(request) if api else None
+                    ),
                     method=request.method or "",
                     path=request.path,
                     status_code=response.status_code,

@@ -1,8 +1,11 @@
 import json
+from typing import Any
 
 from django.db import models
 
-from compliance.choices import VerificationSource, VerificationStatus
+from bridge.choices import JobStatus
+from bridge.models import Job
+from compliance.choices import VERIFY_JOB_KIND
 
 
 class AuditEvent(models.Model):
@@ -32,6 +35,7 @@ class AuditEvent(models.Model):
 
     class Meta:
         ordering = ["-id"]
+        permissions = [("log_custom_event", "Can record custom audit events")]
         indexes = [
             models.Index(fields=["action", "-id"], name="audit_action_idx"),
             models.Index(fields=["actor_username", "-id"], name="audit_actor_idx"),
@@ -108,30 +112,53 @@ class AuditChainHead(models.Model):
         return f"audit chain head at seq {self.last_seq}"
 
 
-class AuditVerification(models.Model):
-    """One run of the chain verification, from the API, the CLI, the admin or the schedule."""
+class VerificationManager(models.Manager):
+    def get_queryset(self) -> models.QuerySet:
+        return super().get_queryset().filter(kind=VERIFY_JOB_KIND)
 
-    status = models.CharField(
-        max_length=16, choices=VerificationStatus.choices, default=VerificationStatus.RUNNING
-    )
-    source = models.CharField(max_length=16, choices=VerificationSource.choices)
-    requested_by = models.CharField(max_length=150, blank=True)
-    started_at = models.DateTimeField()
-    finished_at = models.DateTimeField(null=True, blank=True)
-    checked = models.BigIntegerField(default=0)
-    total = models.BigIntegerField(default=0, help_text="Sealed events to check.")
-    unsealed = models.BigIntegerField(default=0)
-    first_broken_id = models.BigIntegerField(null=True, blank=True)
-    reason = models.TextField(blank=True)
+
+class AuditVerification(Job):
+    """A verification run of the hash chain: a job of its own kind, with its own console
+    page and permissions (a proxy, so no table of its own)."""
+
+    objects = VerificationManager()
 
     class Meta:
-        ordering = ["-started_at"]
+        proxy = True
+        ordering = ["-id"]
+        verbose_name = "audit verification"
+        permissions = [
+            ("verify_chain", "Can start an audit chain verification"),
+            ("cancel_verification", "Can cancel a running audit chain verification"),
+        ]
 
-    def __str__(self) -> str:
-        return f"verification {self.id}: {self.status}"
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        self.kind = VERIFY_JOB_KIND
+        super().save(*args, **kwargs)
 
     @property
-    def percent(self) -> int:
-        if self.status != "running":
-            return 100
-        return min(100, int(100 * self.checked / self.total)) if self.total else 0
+    def ok(self) -> bool | None:
+        """True intact, False broken, None when the run did not finish."""
+        if self.status != JobStatus.SUCCEEDED:
+            return None
+        return bool(self.result.get("ok"))
+
+    @property
+    def checked(self) -> int:
+        return int(self.result.get("checked", self.progress_done or 0))
+
+    @property
+    def unsealed(self) -> int:
+        return int(self.result.get("unsealed", 0))
+
+    @property
+    def first_broken_id(self) -> int | None:
+        return self.result.get("first_broken_id")
+
+    @property
+    def reason(self) -> str:
+        return self.result.get("reason", "") or self.error
+
+    @property
+    def source(self) -> str:
+        return self.params.get("source", "")

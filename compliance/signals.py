@@ -11,8 +11,8 @@ from django.db.models.signals import post_save
 from django.dispatch import receiver
 from django.http import HttpRequest
 
+from compliance.audit import AuditContext, record_event
 from compliance.choices import AuditAction
-from compliance.services import Actor, record_event
 
 _ADMIN_FLAGS = {ADDITION: "add", CHANGE: "change", DELETION: "delete"}
 
@@ -22,8 +22,7 @@ def login_succeeded_event(sender: Any, request: HttpRequest, user: Any, **kwargs
     # Only session logins (the admin) send this; the API login records its own event.
     record_event(
         action=AuditAction.LOGIN_SUCCEEDED,
-        actor=user,
-        request=request,
+        context=AuditContext.from_request(request, user=user),
         path=getattr(request, "path", ""),
         details={"channel": "admin"},
     )
@@ -36,8 +35,7 @@ def login_failed_event(
     username = str(credentials.get("username", ""))[:150]
     record_event(
         action=AuditAction.LOGIN_FAILED,
-        actor=Actor(id=None, username=""),
-        request=request,
+        context=AuditContext.from_request(request).with_actor(None),
         path=getattr(request, "path", ""),
         details={
             "username": username,
@@ -53,7 +51,7 @@ def locked_out_event(
 ) -> None:
     record_event(
         action=AuditAction.LOCKED_OUT,
-        request=request,
+        context=AuditContext.from_request(request).with_actor(None),
         path=getattr(request, "path", ""),
         details={"username": (username or "")[:150]},
     )
@@ -65,7 +63,7 @@ def admin_change_event(sender: Any, instance: LogEntry, created: bool, **kwargs:
         return
     record_event(
         action=AuditAction.ADMIN_CHANGE,
-        actor=instance.user,
+        context=AuditContext.current(user=instance.user),
         object_type=instance.content_type.model_class()._meta.label_lower
         if instance.content_type and instance.content_type.model_class()
         else "",

@@ -1,15 +1,31 @@
 from celery import shared_task
 
-from compliance import services
+from bridge.jobs import job_task, run_job
+from compliance import chain, verification
+from compliance.audit import AuditContext
+from compliance.choices import VERIFY_JOB_KIND, VerificationSource
 
 
 @shared_task
 def seal_audit_chain_task(sweep: bool = False) -> int:
-    return services.seal_all_pending(sweep=sweep)
+    return chain.seal_all_pending(sweep=sweep)
+
+
+@job_task(
+    kind=VERIFY_JOB_KIND,
+    title="Audit chain verification",
+    permission="compliance.view_auditverification",
+    cancellable=True,
+    cancel_permission="compliance.cancel_verification",
+)
+def verify_audit_chain_task(job_id: int) -> None:
+    run_job(job_id, verification.verify_chain_job)
 
 
 @shared_task
-def verify_audit_chain_task() -> int:
-    from compliance.choices import VerificationSource
-
-    return services.verify_chain(source=VerificationSource.SCHEDULE).pk
+def scheduled_verification_task() -> None:
+    # The scheduled run is its own worker: no second hop through the broker.
+    job = verification.start_verification(
+        context=AuditContext.system(), source=VerificationSource.SCHEDULE, enqueue=False
+    )
+    run_job(job.pk, verification.verify_chain_job)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from compliance.services import insert_event_rows
+from compliance.audit import insert_event_rows
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,6 @@
 from django.db import models
 
-
-class Role(models.TextChoices):
-    """The Django groups that grant access to each area of the API and console."""
-
-    OPERATOR = "operator", "Operator (recovery, backups)"
-    SECURITY_OFFICER = "security_officer", "Security officer (security)"
-    COMPLIANCE_OFFICER = "compliance_officer", "Compliance officer (compliance, reports)"
+from bridge.roles import Role  # noqa: F401  (roles are platform-wide; re-exported here)
 
 
 class FamilyRevocation(models.TextChoices):

@@ -20,8 +20,8 @@ from rest_framework_simplejwt.state import token_backend
 from rest_framework_simplejwt.token_blacklist.models import BlacklistedToken, OutstandingToken
 from rest_framework_simplejwt.tokens import RefreshToken
 
+from compliance.audit import AuditContext, record_event
 from compliance.choices import AuditAction
-from compliance.services import Actor, record_event
 from security.choices import FamilyRevocation
 from security.ip import client_ip
 from security.lockout import retry_after_seconds
@@ -79,8 +79,7 @@ def login(*, request: HttpRequest, username: str, password: str) -> TokenPair:
         pair = _issue(user, family)
         record_event(
             action=AuditAction.LOGIN_SUCCEEDED,
-            actor=user,
-            request=request,
+            context=AuditContext.from_request(request, user=user),
             object_type="security.tokenfamily",
             object_id=family.pk,
             details={"channel": "api"},
@@ -131,8 +130,7 @@ def refresh(*, request: HttpRequest, refresh_token: str) -> TokenPair:
             User.objects.filter(pk=user.pk).update(token_version=F("token_version") + 1)
             record_event(
                 action=AuditAction.TOKEN_REUSE_DETECTED,
-                actor=user,
-                request=request,
+                context=AuditContext.from_request(request, user=user),
                 object_type="security.tokenfamily",
                 object_id=family.pk,
                 details={"jti": jti, "refreshes_before_reuse": family.refresh_count},
@@ -153,8 +151,7 @@ def refresh(*, request: HttpRequest, refresh_token: str) -> TokenPair:
             pair = _issue(user, family)
             record_event(
                 action=AuditAction.TOKEN_REFRESHED,
-                actor=user,
-                request=request,
+                context=AuditContext.from_request(request, user=user),
                 object_type="security.tokenfamily",
                 object_id=family.pk,
             )
@@ -185,8 +182,7 @@ def logout(*, request: HttpRequest | None, user: User) -> int:
         )
         record_event(
             action=AuditAction.LOGOUT,
-            actor=Actor.of(user),
-            request=request,
+            context=AuditContext.from_request(request, user=user),
             object_type="security.user",
             object_id=user.pk,
             details={"families_revoked": families},
@@ -205,8 +201,7 @@ def revoke_sessions(*, request: HttpRequest | None, families: QuerySet[TokenFami
         User.objects.filter(pk__in=users).update(token_version=F("token_version") + 1)
         record_event(
             action=AuditAction.SESSIONS_REVOKED,
-            actor=getattr(request, "user", None),
-            request=request,
+            context=AuditContext.from_request(request),
             object_type="security.tokenfamily",
             details={"families": [str(pk) for pk in ids], "users": users},
         )

@@ -20,9 +20,38 @@ from rest_framework.test import APIClient
 from security.choices import Role
 from security.models import User
 
+# Logins in tests verify an MD5 hash instead of PBKDF2's 1.2M rounds; servers the tests start
+# inherit the variable (process_env copies the environment), so they accept those hashes too.
+os.environ.setdefault("BRIDGE_FAST_PASSWORD_HASHER", "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "Correct-Horse-Battery-42"
 REQUIRE_SERVICES = os.environ.get("BRIDGE_REQUIRE_SERVICES") == "1"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fast_password_hasher() -> None:
+    from django.conf import settings
+
+    settings.PASSWORD_HASHERS = [
+        "django.contrib.auth.hashers.MD5PasswordHasher",
+        "django.contrib.auth.hashers.PBKDF2PasswordHasher",
+    ]
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix: None) -> None:
+    """A test database of this run's own (by process id): two runs in one checkout, or on
+    one PostgreSQL server, never drop each other's database."""
+    from django.conf import settings
+
+    run = f"run{os.getpid()}"
+    database = settings.DATABASES["default"]
+    test = database.setdefault("TEST", {})
+    if database["ENGINE"].endswith("sqlite3"):
+        test["NAME"] = str(Path(settings.VAR_DIR) / f"test_bridge_{run}.sqlite3")
+    else:
+        test["NAME"] = f"test_{database['NAME']}_{run}"
 
 
 def need(condition: bool, reason: str) -> None:
@@ -153,6 +182,31 @@ def outsider_api(outsider) -> APIClient:
 @pytest.fixture
 def anon_api() -> APIClient:
     return APIClient()
+
+
+@pytest.fixture(autouse=True)
+def _celery_eager(monkeypatch) -> None:
+    """Unit tests run tasks inline; the end-to-end tests switch a real worker back on."""
+    from bridge.celery import app
+
+    monkeypatch.setitem(app.conf, "task_always_eager", True)
+    monkeypatch.setitem(app.conf, "task_eager_propagates", True)
+
+
+VERIFY = "/api/compliance/audit/verify"
+
+
+@pytest.fixture
+def verify(compliance_api, django_capture_on_commit_callbacks):
+    """Start a verification over the API, let it run (eagerly, on commit) and read it back."""
+
+    def run(api: APIClient = compliance_api) -> dict:
+        with django_capture_on_commit_callbacks(execute=True):
+            started = api.post(VERIFY)
+        assert started.status_code == 202, started.content
+        return api.get(VERIFY).json()
+
+    return run
 
 
 # --- Real processes against the test database ---------------------------------------------

@@ -1,8 +1,9 @@
 from datetime import UTC, datetime
 
+from django.utils import timezone
 from rest_framework import serializers
 
-from compliance.models import AuditEvent
+from compliance.models import AuditEvent, AuditVerification
 
 
 class AuditEventSerializer(serializers.ModelSerializer):
@@ -79,30 +80,28 @@ class AuditLogRequestSerializer(serializers.Serializer):
     details = serializers.DictField(required=False, default=dict)
 
 
-class AuditEventFilterSerializer(serializers.Serializer):
-    actor = serializers.CharField(max_length=150, required=False, help_text="Exact username.")
-    action = serializers.CharField(max_length=64, required=False, help_text="Exact action.")
-    to = serializers.DateTimeField(required=False, help_text="Events before this time.")
+class VerificationSerializer(serializers.Serializer):
+    """A verification run: its outcome and how old it is."""
 
-    def get_fields(self) -> dict:
-        fields = super().get_fields()
-        # `from` is a Python keyword, so it cannot be a class attribute.
-        fields["from"] = serializers.DateTimeField(
-            required=False, help_text="Events at or after this time."
-        )
-        return fields
-
-    def validate(self, attrs: dict) -> dict:
-        start, end = attrs.get("from"), attrs.get("to")
-        if start and end and start > end:
-            raise serializers.ValidationError({"to": "Must not be earlier than 'from'."})
-        return attrs
-
-
-class VerifyResultSerializer(serializers.Serializer):
-    ok = serializers.BooleanField()
+    verification_id = serializers.IntegerField(source="pk", help_text="The run's job id.")
+    status = serializers.CharField(help_text="The job's status: succeeded, failed, running...")
+    ok = serializers.BooleanField(
+        allow_null=True, help_text="true intact, false broken, null if the run did not finish."
+    )
     checked = serializers.IntegerField(help_text="Sealed events whose hash and link were checked.")
     first_broken_id = serializers.IntegerField(allow_null=True)
-    unsealed = serializers.IntegerField(help_text="Recorded events the sealer has not linked yet.")
+    unsealed = serializers.IntegerField(help_text="Recorded events the sealer had not linked yet.")
     reason = serializers.CharField(allow_blank=True)
-    verification_id = serializers.IntegerField()
+    source = serializers.CharField(allow_blank=True)
+    requested_by = serializers.CharField(source="actor_username", allow_blank=True)
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+    age_seconds = serializers.SerializerMethodField(
+        help_text="Seconds since the run finished (null while it runs)."
+    )
+
+    def get_age_seconds(self, run: AuditVerification) -> float | None:
+        if run.finished_at is None:
+            return None
+        now = self.context.get("now") or timezone.now()
+        return round((now - run.finished_at).total_seconds(), 3)

@@ -1,23 +1,29 @@
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
 from django.core.paginator import Paginator as DjangoPaginator
 from django.db.models import QuerySet
+from django.utils import timezone
 from django.utils.functional import cached_property
-from drf_spectacular.utils import OpenApiParameter, extend_schema
-from rest_framework import generics, status
+from drf_spectacular.utils import extend_schema, extend_schema_view
+from rest_framework import mixins, status
+from rest_framework.exceptions import NotFound
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from bridge.api import BridgeViewSet, ErrorSerializer, JobSerializer, accepted, audit_context
 from bridge.pagination import Pagination
-from compliance import services
+from compliance import chain, services, verification
 from compliance.api.serializers import (
-    AuditEventFilterSerializer,
     AuditEventSerializer,
     AuditLogRequestSerializer,
-    VerifyResultSerializer,
+    VerificationSerializer,
 )
 from compliance.choices import VerificationSource
-from compliance.models import AuditEvent
-from security.permissions import HasAnyRole, IsComplianceOfficer
+from compliance.filters import AuditEventFilter
+from compliance.models import AuditEvent, AuditVerification
 
 
 class HeadCountPaginator(DjangoPaginator):
@@ -25,7 +31,7 @@ class HeadCountPaginator(DjangoPaginator):
 
     @cached_property
     def count(self) -> int:
-        return services.total_event_count()
+        return chain.total_event_count()
 
 
 class AuditEventPagination(Pagination):
@@ -37,80 +43,96 @@ class AuditEventPagination(Pagination):
         return super().paginate_queryset(queryset, request, view)
 
 
-@extend_schema(
-    tags=["compliance"],
-    parameters=[
-        OpenApiParameter("actor", str, description="Exact username of the actor."),
-        OpenApiParameter("action", str, description="Exact action, e.g. api.request."),
-        OpenApiParameter("from", str, description="ISO 8601 time; events at or after it."),
-        OpenApiParameter("to", str, description="ISO 8601 time; events before it."),
-    ],
+@extend_schema_view(
+    list=extend_schema(tags=["compliance"], summary="Audit events, newest first"),
+    retrieve=extend_schema(tags=["compliance"], summary="One audit event with its seal"),
 )
-class AuditEventListView(generics.ListAPIView):
-    """Audit events, newest first."""
+class AuditEventViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, BridgeViewSet):
+    """The audit trail, read-only."""
 
-    permission_classes = [IsComplianceOfficer]
     serializer_class = AuditEventSerializer
     pagination_class = AuditEventPagination
+    filterset_class = AuditEventFilter
+    required_permissions: ClassVar[dict[str, tuple[str, ...]]] = {
+        "list": ("compliance.view_auditevent",),
+        "retrieve": ("compliance.view_auditevent",),
+    }
+    filtered = True
 
     def get_queryset(self) -> QuerySet[AuditEvent]:
-        filters = AuditEventFilterSerializer(data=self.request.query_params)
-        filters.is_valid(raise_exception=True)
-        params = filters.validated_data
-        queryset = AuditEvent.objects.select_related("seal").order_by("-id")
-        if "actor" in params:
-            queryset = queryset.filter(actor_username=params["actor"])
-        if "action" in params:
-            queryset = queryset.filter(action=params["action"])
-        if "from" in params:
-            queryset = queryset.filter(occurred_at__gte=params["from"])
-        if "to" in params:
-            queryset = queryset.filter(occurred_at__lt=params["to"])
-        self.filtered = bool(params)
-        return queryset
+        return AuditEvent.objects.select_related("seal").order_by("-id")
+
+    def filter_queryset(self, queryset: QuerySet) -> QuerySet:
+        filterset = AuditEventFilter(self.request.query_params, queryset, request=self.request)
+        self.filtered = filterset.is_filtering
+        return super().filter_queryset(queryset)
 
 
-class AuditVerifyView(APIView):
-    """Recompute the whole chain now; a broken chain is recorded and logged as an error."""
+class AuditLogViewSet(BridgeViewSet):
+    """Custom events recorded by operators and integrations."""
 
-    permission_classes = [IsComplianceOfficer]
-
-    @extend_schema(tags=["compliance"], responses=VerifyResultSerializer)
-    def get(self, request: Request) -> Response:
-        run = services.verify_chain(
-            source=VerificationSource.API, actor=request.user, request=request._request
-        )
-        body = {
-            "ok": run.status == "ok",
-            "checked": run.checked,
-            "first_broken_id": run.first_broken_id,
-            "unsealed": run.unsealed,
-            "reason": run.reason,
-            "verification_id": run.pk,
-        }
-        return Response(VerifyResultSerializer(body).data)
-
-
-class AuditLogView(APIView):
-    """Record a custom event (stored as `custom.<action>`)."""
-
-    permission_classes = [HasAnyRole]
+    serializer_class = AuditLogRequestSerializer
+    required_permissions: ClassVar[dict[str, tuple[str, ...]]] = {
+        "create": ("compliance.log_custom_event",)
+    }
 
     @extend_schema(
         tags=["compliance"],
+        summary="Record a custom event (stored as custom.<action>)",
         request=AuditLogRequestSerializer,
         responses={201: AuditEventSerializer},
     )
-    def post(self, request: Request) -> Response:
+    def create(self, request: Request) -> Response:
         payload = AuditLogRequestSerializer(data=request.data)
         payload.is_valid(raise_exception=True)
         data = payload.validated_data
         event = services.log_custom_event(
-            actor=request.user,
-            request=request._request,
+            context=audit_context(request),
             name=data["action"],
             object_type=data["object_type"],
             object_id=data["object_id"],
             details=data["details"],
         )
         return Response(AuditEventSerializer(event).data, status=status.HTTP_201_CREATED)
+
+
+@extend_schema_view(
+    list=extend_schema(tags=["compliance"], summary="Verification runs, newest first"),
+    retrieve=extend_schema(tags=["compliance"], summary="One verification run"),
+)
+class AuditVerificationViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, BridgeViewSet):
+    """Runs of the chain verification (jobs). No web request walks the chain itself."""
+
+    serializer_class = VerificationSerializer
+    required_permissions: ClassVar[dict[str, tuple[str, ...]]] = {
+        "list": ("compliance.view_auditverification",),
+        "retrieve": ("compliance.view_auditverification",),
+        "latest": ("compliance.view_auditverification",),
+        "start": ("compliance.verify_chain",),
+    }
+
+    def get_queryset(self) -> QuerySet[AuditVerification]:
+        return AuditVerification.objects.order_by("-id")
+
+    @extend_schema(
+        tags=["compliance"],
+        summary="The latest finished verification and its age (nothing is recomputed)",
+        responses={200: VerificationSerializer, 404: ErrorSerializer},
+    )
+    def latest(self, request: Request) -> Response:
+        run = verification.latest_verification()
+        if run is None:
+            raise NotFound("No verification has finished yet; POST to this address to start one.")
+        return Response(VerificationSerializer(run, context={"now": timezone.now()}).data)
+
+    @extend_schema(
+        tags=["compliance"],
+        summary="Start a verification of the whole chain (a job: poll its Location)",
+        request=None,
+        responses={202: JobSerializer},
+    )
+    def start(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        job = verification.start_verification(
+            context=audit_context(request), source=VerificationSource.API
+        )
+        return accepted(job, request)

@@ -18,8 +18,3 @@ class TokenPairSerializer(serializers.Serializer):
 class LogoutResultSerializer(serializers.Serializer):
     detail = serializers.CharField()
     sessions_revoked = serializers.IntegerField()
-
-
-class ErrorSerializer(serializers.Serializer):
-    detail = serializers.CharField()
-    code = serializers.CharField()

@@ -4,9 +4,9 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from bridge.api import ErrorSerializer
 from security import services
 from security.api.serializers import (
-    ErrorSerializer,
     LoginSerializer,
     LogoutResultSerializer,
     RefreshSerializer,

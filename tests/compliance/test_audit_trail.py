@@ -7,7 +7,8 @@ from django.db import DatabaseError, connection, transaction
 from django.test import override_settings
 from rest_framework.test import APIClient
 
-from compliance import services
+from compliance import audit, chain, verification
+from compliance.audit import AuditContext
 from compliance.models import AuditEvent, AuditSeal, AuditVerification
 from tests.conftest import PASSWORD, bypass_triggers, make_user, need, on_postgres
 from tests.http import call
@@ -48,7 +49,7 @@ def test_500_is_recorded_and_answered_in_json(compliance_api, monkeypatch):
     def explode(**kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(services, "verify_chain", explode)
+    monkeypatch.setattr(verification, "latest_verification", explode)
     compliance_api.raise_request_exception = False
     response = compliance_api.get(VERIFY)
     assert response.status_code == 500
@@ -120,37 +121,37 @@ def test_event_list_with_a_bad_date_is_400_naming_the_field(compliance_api):
 
 
 @pytest.mark.django_db
-def test_sealed_chain_verifies_over_the_api(compliance_api):
+def test_sealed_chain_verifies_over_the_api(compliance_api, verify):
     compliance_api.get(EVENTS)
-    services.seal_all_pending()
-    body = compliance_api.get(VERIFY).json()
+    chain.seal_all_pending()
+    body = verify()
     assert body["ok"] is True
     assert body["checked"] == AuditEvent.objects.filter(seal__isnull=False).count() > 0
     assert body["first_broken_id"] is None
-    assert AuditVerification.objects.get(pk=body["verification_id"]).status == "ok"
+    assert AuditVerification.objects.get(pk=body["verification_id"]).ok is True
 
 
 @pytest.mark.django_db
-def test_verification_reports_events_not_sealed_yet(compliance_api):
-    services.seal_all_pending()
-    services.record_event(action="custom.late")
-    body = compliance_api.get(VERIFY).json()
+def test_verification_reports_events_not_sealed_yet(verify):
+    chain.seal_all_pending()
+    audit.record_event(action="custom.late")
+    body = verify()
     assert body["ok"] is True and body["unsealed"] >= 1
 
 
 @pytest.mark.django_db
-def test_a_tampered_row_is_found_and_named(compliance_api):
+def test_a_tampered_row_is_found_and_named(verify):
     # given a sealed chain of several events
     for n in range(5):
-        services.record_event(action=f"custom.e{n}", details={"n": n})
-    services.seal_all_pending()
+        audit.record_event(action=f"custom.e{n}", details={"n": n})
+    chain.seal_all_pending()
     target = AuditEvent.objects.get(action="custom.e2")
     # when someone with database rights rewrites it
     bypass_triggers(
         "UPDATE compliance_auditevent SET details = %s WHERE id = %s", ['{"n":99}', target.pk]
     )
     # then
-    body = compliance_api.get(VERIFY).json()
+    body = verify()
     assert body["ok"] is False
     assert body["first_broken_id"] == target.pk
     assert AuditEvent.objects.filter(action="audit.broken").exists()
@@ -158,16 +159,16 @@ def test_a_tampered_row_is_found_and_named(compliance_api):
 
 @pytest.mark.django_db
 @pytest.mark.parametrize("seal_removed_too", [False, True], ids=["event", "event-and-seal"])
-def test_a_removed_row_is_found(compliance_api, seal_removed_too):
+def test_a_removed_row_is_found(verify, seal_removed_too):
     for n in range(5):
-        services.record_event(action=f"custom.e{n}")
-    services.seal_all_pending()
+        audit.record_event(action=f"custom.e{n}")
+    chain.seal_all_pending()
     victim = AuditEvent.objects.get(action="custom.e2")
     after = AuditEvent.objects.get(action="custom.e3")
     if seal_removed_too:
         bypass_triggers("DELETE FROM compliance_auditseal WHERE event_id = %s", [victim.pk])
     bypass_triggers("DELETE FROM compliance_auditevent WHERE id = %s", [victim.pk])
-    body = compliance_api.get(VERIFY).json()
+    body = verify()
     # while its seal survives, the removed event itself is named; without it, the gap is
     assert (body["ok"], body["first_broken_id"]) == (
         False,
@@ -177,21 +178,21 @@ def test_a_removed_row_is_found(compliance_api, seal_removed_too):
 
 
 @pytest.mark.django_db
-def test_removing_the_newest_sealed_rows_is_found(compliance_api):
+def test_removing_the_newest_sealed_rows_is_found(verify):
     for n in range(3):
-        services.record_event(action=f"custom.e{n}")
-    services.seal_all_pending()
+        audit.record_event(action=f"custom.e{n}")
+    chain.seal_all_pending()
     last = AuditEvent.objects.filter(seal__isnull=False).order_by("-seal__seq").first()
     bypass_triggers("DELETE FROM compliance_auditevent WHERE id = %s", [last.pk])
-    body = compliance_api.get(VERIFY).json()
+    body = verify()
     assert (body["ok"], body["first_broken_id"]) == (False, last.pk)
 
 
 @pytest.mark.django_db
 def test_verify_command_exits_1_naming_the_broken_event(python):
 
-    services.record_event(action="custom.a")
-    services.seal_all_pending()
+    audit.record_event(action="custom.a")
+    chain.seal_all_pending()
     event = AuditEvent.objects.get(action="custom.a")
     bypass_triggers(
         "UPDATE compliance_auditevent SET actor_username = 'mallory' WHERE id = %s", [event.pk]
@@ -209,7 +210,7 @@ def test_verify_command_exits_1_naming_the_broken_event(python):
 def test_verify_command_succeeds_on_an_intact_chain(capsys):
     from django.core.management import call_command
 
-    services.record_event(action="custom.a")
+    audit.record_event(action="custom.a")
     call_command("verify_audit_chain", "--seal")
     assert "audit chain intact: " in capsys.readouterr().out
 
@@ -269,8 +270,8 @@ def test_admin_logins_are_recorded(operator):
     ],
 )
 def test_postgres_refuses_update_delete_and_truncate_of_events_and_seals(postgres, sql):
-    services.record_event(action="custom.keep")
-    services.seal_all_pending()
+    audit.record_event(action="custom.keep")
+    chain.seal_all_pending()
     with pytest.raises(DatabaseError, match="append-only"), transaction.atomic():
         with connection.cursor() as cursor:
             cursor.execute(sql)
@@ -290,37 +291,37 @@ def _commit_late(event: AuditEvent) -> None:
 
 @pytest.mark.django_db
 def test_an_event_committed_after_newer_ones_were_sealed_is_sealed_next_time(monkeypatch):
-    monkeypatch.setattr(services, "STRAGGLER_CHECK_SECONDS", 0)
+    monkeypatch.setattr(chain, "STRAGGLER_CHECK_SECONDS", 0)
     # given a straggler: its id is below the newest sealed event's
-    services.record_event(action="custom.first")
-    services.record_event(action="custom.second")
+    audit.record_event(action="custom.first")
+    audit.record_event(action="custom.second")
     straggler = AuditEvent.objects.get(action="custom.first")
     bypass_triggers("DELETE FROM compliance_auditevent WHERE id = %s", [straggler.pk])
-    services.seal_all_pending()
+    chain.seal_all_pending()
     _commit_late(straggler)
     # when
-    sealed = services.seal_all_pending()
+    sealed = chain.seal_all_pending()
     # then
     assert sealed == 1
     assert AuditSeal.objects.get(event_id=straggler.pk).seq == 2
-    result = services.check_chain()
+    result = verification.check_chain()
     assert (result.ok, result.checked, result.unsealed) == (True, 2, 0)
 
 
 @pytest.mark.django_db
 def test_a_straggler_older_than_the_window_is_found_by_the_sweep(monkeypatch):
-    monkeypatch.setattr(services, "STRAGGLER_WINDOW", 1)
-    monkeypatch.setattr(services, "STRAGGLER_CHECK_SECONDS", 0)
+    monkeypatch.setattr(chain, "STRAGGLER_WINDOW", 1)
+    monkeypatch.setattr(chain, "STRAGGLER_CHECK_SECONDS", 0)
     for n in range(4):
-        services.record_event(action=f"custom.e{n}")
+        audit.record_event(action=f"custom.e{n}")
     straggler = AuditEvent.objects.get(action="custom.e0")
     bypass_triggers("DELETE FROM compliance_auditevent WHERE id = %s", [straggler.pk])
-    services.seal_all_pending()
+    chain.seal_all_pending()
     _commit_late(straggler)
-    assert services.seal_all_pending() == 0
-    assert services.check_chain().unsealed == 1
-    assert services.seal_all_pending(sweep=True) == 1
-    assert services.check_chain().unsealed == 0
+    assert chain.seal_all_pending() == 0
+    assert verification.check_chain().unsealed == 1
+    assert chain.seal_all_pending(sweep=True) == 1
+    assert verification.check_chain().unsealed == 0
 
 
 # --- Concurrency through a real gunicorn with two workers ----------------------------------
@@ -337,7 +338,7 @@ def test_20_concurrent_requests_leave_a_chain_that_verifies(server):
     # when 20 requests run at once while sealers race each other
     def fire(n: int) -> int:
         if n % 5 == 0:
-            services.seal_all_pending()
+            chain.seal_all_pending()
             connection.close()
         return call("GET", f"{server}{EVENTS}?page_size=3", token=token).status
 
@@ -347,8 +348,8 @@ def test_20_concurrent_requests_leave_a_chain_that_verifies(server):
     # then every request is recorded once and the chain holds all of them, in one line
     assert statuses == [200] * 20
     assert AuditEvent.objects.count() == before + 20
-    services.seal_all_pending()
-    result = services.check_chain()
+    chain.seal_all_pending()
+    result = verification.check_chain()
     assert (result.ok, result.unsealed) == (True, 0)
     assert result.checked == AuditEvent.objects.count()
     seqs = sorted(AuditSeal.objects.values_list("seq", flat=True))
@@ -358,18 +359,18 @@ def test_20_concurrent_requests_leave_a_chain_that_verifies(server):
 def test_concurrent_sealers_never_fork_the_chain(postgres, transactional_db):
     need(on_postgres(), "needs PostgreSQL")
     for n in range(300):
-        services.record_event(action=f"custom.n{n % 7}")
+        audit.record_event(action=f"custom.n{n % 7}")
 
     def seal(_: int) -> int:
         try:
-            return services.seal_pending_events(batch=37)
+            return chain.seal_pending_events(batch=37)
         finally:
             connection.close()
 
     with ThreadPoolExecutor(6) as pool:
         while AuditEvent.objects.filter(seal__isnull=True).exists():
             list(pool.map(seal, range(6)))
-    result = services.check_chain()
+    result = verification.check_chain()
     assert (result.ok, result.checked) == (True, 300)
 
 
@@ -380,8 +381,8 @@ def test_event_rendering_matches_drf_field_by_field(compliance_api):
 
     from compliance.api.serializers import AuditEventSerializer
 
-    services.record_event(action="custom.x", details={"a": 1}, status_code=201, latency_ms=2.5)
-    services.seal_all_pending()
+    audit.record_event(action="custom.x", details={"a": 1}, status_code=201, latency_ms=2.5)
+    chain.seal_all_pending()
     event = AuditEvent.objects.get(action="custom.x")
     fast = AuditEventSerializer(event).data
     slow = drf.ModelSerializer.to_representation(AuditEventSerializer(), event)
@@ -391,19 +392,19 @@ def test_event_rendering_matches_drf_field_by_field(compliance_api):
 @pytest.mark.django_db
 def test_total_count_adds_unsealed_events_to_the_sealed_ones():
     for n in range(3):
-        services.record_event(action=f"custom.s{n}")
-    services.seal_all_pending()
+        audit.record_event(action=f"custom.s{n}")
+    chain.seal_all_pending()
     for n in range(2):
-        services.record_event(action=f"custom.u{n}")
-    assert services.total_event_count() == 5 == AuditEvent.objects.count()
+        audit.record_event(action=f"custom.u{n}")
+    assert chain.total_event_count() == 5 == AuditEvent.objects.count()
 
 
 @pytest.mark.django_db
 def test_console_search_finds_events_by_exact_username_request_id_or_ip(admin_user):
     from django.test import Client
 
-    services.record_event(action="custom.a", actor=admin_user)
-    services.record_event(action="custom.b")
+    audit.record_event(action="custom.a", context=AuditContext().with_actor(admin_user))
+    audit.record_event(action="custom.b")
     client = Client()
     client.force_login(admin_user)
     page = client.get("/admin/compliance/auditevent/", {"q": "root"})
@@ -426,7 +427,7 @@ def test_a_request_whose_event_cannot_be_written_is_answered_503_not_200(
     def refuse(*args, **kwargs):
         raise DatabaseError("disk full")
 
-    monkeypatch.setattr(services, "insert_event_rows", refuse)
+    monkeypatch.setattr(audit, "insert_event_rows", refuse)
     monkeypatch.setattr("compliance.writer.insert_event_rows", refuse)
     monkeypatch.setattr("compliance.middleware.record_event", refuse)
     # when
@@ -441,18 +442,17 @@ def test_a_request_whose_event_cannot_be_written_is_answered_503_not_200(
 def test_verification_reports_progress_as_it_goes(monkeypatch, capsys):
     from django.core.management import call_command
 
-    monkeypatch.setattr(services, "PROGRESS_EVERY", 2)
+    monkeypatch.setattr(verification, "PROGRESS_EVERY", 2)
     for n in range(5):
-        services.record_event(action=f"custom.p{n}")
-    services.seal_all_pending()
+        audit.record_event(action=f"custom.p{n}")
+    chain.seal_all_pending()
     seen: list[tuple[int, int]] = []
-    run = services.verify_chain(
-        source="cli", on_progress=lambda checked, total: seen.append((checked, total))
-    )
+    verification.check_chain(on_progress=lambda checked, total: seen.append((checked, total)))
     assert seen == [(2, 5), (4, 5)]
-    assert (run.checked, run.total, run.percent) == (5, 5, 100)
     call_command("verify_audit_chain")
     assert " 40%  2 of 5 events" in capsys.readouterr().out
+    run = AuditVerification.objects.get()
+    assert (run.checked, run.progress_total, run.percent, run.ok) == (5, 5, 100, True)
 
 
 @pytest.mark.django_db
@@ -526,7 +526,7 @@ def test_bad_paging_is_refused_naming_the_parameter(compliance_api, query, statu
 def test_the_audit_admin_is_read_only_even_for_a_superuser(admin_user):
     from django.test import Client
 
-    services.record_event(action="custom.x")
+    audit.record_event(action="custom.x")
     event = AuditEvent.objects.get(action="custom.x")
     client = Client()
     client.force_login(admin_user)
@@ -559,9 +559,9 @@ def test_the_console_filters_by_seal_and_status_class(admin_user):
     client = Client()
     client.force_login(admin_user)  # itself an event (auth.login.succeeded)
     for status in (200, 404, 503):
-        services.record_event(action="api.request", status_code=status)
-    services.seal_all_pending()
-    later = services.record_event(action="custom.late")
+        audit.record_event(action="api.request", status_code=status)
+    chain.seal_all_pending()
+    later = audit.record_event(action="custom.late")
     sealed = set(AuditEvent.objects.filter(seal__isnull=False).values_list("id", flat=True))
     # waiting for seal: exactly the event recorded after the last seal
     waiting, _ = _console_ids(client, "sealed=no")

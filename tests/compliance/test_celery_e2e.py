@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from bridge.celery import app
-from compliance import services
+from compliance import audit, verification
 from compliance.models import AuditEvent
 from compliance.tasks import seal_audit_chain_task
 from tests.conftest import ROOT, process_env
@@ -73,7 +73,7 @@ def _wait_until_sealed(deadline: float) -> int:
 def test_a_real_worker_seals_committed_events_into_a_chain_that_verifies(worker_queue, tmp_path):
     # given committed, unsealed events
     for n in range(EVENTS):
-        services.record_event(action=f"custom.e2e{n}", details={"n": n})
+        audit.record_event(action=f"custom.e2e{n}", details={"n": n})
     assert AuditEvent.objects.filter(seal__isnull=True).count() == EVENTS
 
     # when the sealing task goes through the broker to the worker
@@ -84,7 +84,7 @@ def test_a_real_worker_seals_committed_events_into_a_chain_that_verifies(worker_
     log = (tmp_path / "worker.log").read_text()
     assert pending == 0, f"worker did not seal within {SEAL_TIMEOUT}s; its log:\n{log}"
     assert type(result).__name__ == "AsyncResult"
-    chain = services.check_chain()
+    chain = verification.check_chain()
     assert chain.ok, chain.reason
     assert (chain.checked, chain.unsealed) == (EVENTS, 0)
     assert AuditEvent.objects.count() == EVENTS

@@ -5,13 +5,13 @@ import threading
 import pytest
 from django.db import connection
 
-from compliance import services
+from compliance import audit
 from compliance.models import AuditEvent
 from compliance.writer import AuditWriteError, AuditWriter
 
 
 def _row(n: int) -> tuple:
-    return services.event_values(action="api.request", path=f"/api/x/{n}", status_code=200)
+    return audit.event_values(action="api.request", path=f"/api/x/{n}", status_code=200)
 
 
 @pytest.mark.django_db(transaction=True)

@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand, CommandParser
 
-from compliance import services
+from compliance import chain
 
 
 class Command(BaseCommand):
@@ -14,5 +14,5 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: object, **options: object) -> None:
-        sealed = services.seal_all_pending(sweep=bool(options["sweep"]))
+        sealed = chain.seal_all_pending(sweep=bool(options["sweep"]))
         self.stdout.write(f"sealed {sealed} event(s)")

@@ -1,11 +1,15 @@
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from compliance import services
-from compliance.choices import VerificationSource, VerificationStatus
+from bridge.jobs import run_job
+from bridge.models import Job
+from compliance import chain, verification
+from compliance.audit import AuditContext
+from compliance.choices import VerificationSource
+from compliance.models import AuditVerification
 
 
 class Command(BaseCommand):
-    help = "Recompute the audit hash chain; exit 1 naming the first broken event."
+    help = "Recompute the audit hash chain now with progress; exit 1 naming the first broken event."
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
@@ -14,15 +18,23 @@ class Command(BaseCommand):
 
     def handle(self, *args: object, **options: object) -> None:
         if options["seal"]:
-            sealed = services.seal_all_pending()
+            sealed = chain.seal_all_pending()
             self.stdout.write(f"sealed {sealed} waiting event(s)")
 
-        def progress(checked: int, total: int) -> None:
-            percent = 100 * checked // total if total else 100
-            self.stdout.write(f"  {percent:3d}%  {checked:,} of {total:,} events")
+        def progress(job: Job) -> None:
+            total = job.progress_total or 0
+            percent = 100 * job.progress_done // total if total else 100
+            self.stdout.write(f"  {percent:3d}%  {job.progress_done:,} of {total:,} events")
 
-        run = services.verify_chain(source=VerificationSource.CLI, on_progress=progress)
-        if run.status != VerificationStatus.OK:
+        # The same job the API and the schedule run, run here in-process to show its progress.
+        job = verification.start_verification(
+            context=AuditContext.system(), source=VerificationSource.CLI, enqueue=False
+        )
+        run_job(job.pk, verification.verify_chain_job, listener=progress)
+        run = AuditVerification.objects.get(pk=job.pk)
+        if run.ok is None:
+            raise CommandError(f"verification job {run.pk} did not finish: {run.error}")
+        if not run.ok:
             raise CommandError(
                 f"audit chain BROKEN at event id {run.first_broken_id}: {run.reason} "
                 f"({run.checked} events verified before it)",
@@ -31,6 +43,6 @@ class Command(BaseCommand):
         self.stdout.write(
             self.style.SUCCESS(
                 f"audit chain intact: {run.checked} sealed events verified, "
-                f"{run.unsealed} not sealed yet"
+                f"{run.unsealed} not sealed yet (job {run.pk})"
             )
         )

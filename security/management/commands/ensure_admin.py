@@ -5,7 +5,7 @@ from django.core.management.base import BaseCommand
 
 from bridge.env import env_str
 from compliance.choices import AuditAction
-from compliance.services import record_event
+from compliance.audit import AuditContext, record_event
 from security.models import User
 
 
@@ -25,7 +25,7 @@ class Command(BaseCommand):
             user = User.objects.create_superuser(username=username, email="", password=password)
             record_event(
                 action=AuditAction.ADMIN_ACCOUNT,
-                actor=user,
+                context=AuditContext.system().with_actor(user),
                 object_type="security.user",
                 object_id=user.pk,
                 details={"created": True, "generated": generated},
@@ -52,7 +52,7 @@ class Command(BaseCommand):
             user.save()
             record_event(
                 action=AuditAction.ADMIN_ACCOUNT,
-                actor=user,
+                context=AuditContext.system().with_actor(user),
                 object_type="security.user",
                 object_id=user.pk,
                 details={"created": False, "updated": changed},

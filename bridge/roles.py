@@ -1,0 +1,76 @@
+"""Roles in code: a map of role to model permissions, synchronised after every migrate.
+
+Roles are Django groups; what a group may do is this map and nothing else, so the API and the
+console (both asking `user.has_perm`) can never disagree, and a new app grants its permissions
+by adding lines here instead of writing a data migration. Each entry is `app_label.codename`,
+or `app_label.verb_*` for that verb on every model of the app.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import models
+from django.db.models.signals import post_migrate
+from django.dispatch import receiver
+
+
+class Role(models.TextChoices):
+    """The groups that grant access to each area of the API and console."""
+
+    OPERATOR = "operator", "Operator (recovery, backups)"
+    SECURITY_OFFICER = "security_officer", "Security officer (security)"
+    COMPLIANCE_OFFICER = "compliance_officer", "Compliance officer (compliance, reports)"
+
+
+ROLE_PERMISSIONS: dict[Role, tuple[str, ...]] = {
+    Role.OPERATOR: (
+        "django_celery_beat.view_*",
+        "compliance.log_custom_event",
+    ),
+    Role.SECURITY_OFFICER: (
+        "security.view_*",
+        "axes.view_*",
+        "axes.delete_accessattempt",
+        "token_blacklist.view_*",
+        "compliance.log_custom_event",
+    ),
+    Role.COMPLIANCE_OFFICER: (
+        "compliance.view_*",
+        "compliance.log_custom_event",
+        "compliance.verify_chain",
+        "compliance.cancel_verification",
+    ),
+}
+
+
+def resolve(entries: tuple[str, ...]) -> models.QuerySet:
+    """The Permission rows an entry list names (a name with no match is simply absent)."""
+    from django.contrib.auth.models import Permission
+
+    match = models.Q(pk__in=[])
+    for entry in entries:
+        app_label, codename = entry.split(".", 1)
+        if codename.endswith("*"):
+            match |= models.Q(content_type__app_label=app_label, codename__startswith=codename[:-1])
+        else:
+            match |= models.Q(content_type__app_label=app_label, codename=codename)
+    return Permission.objects.filter(match)
+
+
+def sync_roles() -> None:
+    """Make every role's group hold exactly the permissions of the map."""
+    from django.contrib.auth.models import Group
+
+    for role, entries in ROLE_PERMISSIONS.items():
+        group, _ = Group.objects.get_or_create(name=role)
+        group.permissions.set(resolve(entries))
+
+
+@receiver(post_migrate)
+def sync_roles_after_migrate(sender: Any, **kwargs: Any) -> None:
+    # post_migrate fires once per app; permissions of every app exist by the last one, and
+    # syncing each time is a handful of queries.
+    if kwargs.get("using", "default") != "default":
+        return
+    sync_roles()

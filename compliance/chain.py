@@ -1,0 +1,156 @@
+"""The hash chain: sealing committed events into it, and reading its head.
+
+Sealing is separate from recording and serialized by a lock on the chain head: it links
+committed events in id order, so concurrent writers never contend on a lock and the chain can
+never fork.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from compliance.audit import bulk_insert, canonical_json, iso
+from compliance.models import AuditChainHead, AuditEvent, AuditSeal
+
+GENESIS_HASH = "0" * 64
+# How far below the newest sealed id the sealer looks for events that committed late, and how
+# often (an anti-join over that window: cheap once a minute, wasteful on every run).
+STRAGGLER_WINDOW = 100_000
+STRAGGLER_CHECK_SECONDS = 60
+_HASHED_FIELDS = (
+    "id",
+    "seq",
+    "occurred_at",
+    "actor_id",
+    "actor_username",
+    "client_ip",
+    "request_id",
+    "action",
+    "object_type",
+    "object_id",
+    "method",
+    "path",
+    "status_code",
+    "latency_ms",
+    "details",
+    "prev_hash",
+)
+_EVENT_FIELDS = tuple(name for name in _HASHED_FIELDS if name not in ("seq", "prev_hash"))
+
+
+def event_hash(fields: dict[str, Any]) -> str:
+    """SHA-256 over the canonical JSON of an event's fields and its prev_hash."""
+    payload = {name: fields[name] for name in _HASHED_FIELDS}
+    payload["occurred_at"] = iso(payload["occurred_at"])
+    return hashlib.sha256(canonical_json(payload).encode("utf-8")).hexdigest()
+
+
+def chain_head() -> AuditChainHead | None:
+    """The chain head as last committed (None before the first migration made it)."""
+    return AuditChainHead.objects.filter(pk=1).first()
+
+
+def _head_for_update() -> AuditChainHead:
+    head = AuditChainHead.objects.select_for_update().filter(pk=1).first()
+    if head is None:
+        AuditChainHead.objects.bulk_create(
+            [AuditChainHead(pk=1, last_seq=0, last_hash=GENESIS_HASH)], ignore_conflicts=True
+        )
+        head = AuditChainHead.objects.select_for_update().get(pk=1)
+    return head
+
+
+def _pending(head: AuditChainHead, limit: int, sweep: bool) -> list[tuple]:
+    """Committed events without a seal, oldest id first, as `_EVENT_FIELDS` tuples.
+
+    New events have ids above the head's last sealed event: a primary-key range, cheap at any
+    table size. An event whose transaction committed after a newer one was sealed (a
+    straggler) sits below that id; the last STRAGGLER_WINDOW ids are searched for those once
+    a minute, and the whole table when `sweep` is set (hourly, and `seal_audit_chain --sweep`).
+    Plain tuples, not model instances: the sealer runs every second beside the web workers,
+    and building instances was most of its CPU.
+    """
+    floor = head.last_event_id or 0
+    events = AuditEvent.objects.order_by("id").values_list(*_EVENT_FIELDS)
+    newer = list(events.filter(id__gt=floor)[:limit])
+    now = timezone.now()
+    checked = head.stragglers_checked_at
+    if not sweep and checked and (now - checked).total_seconds() < STRAGGLER_CHECK_SECONDS:
+        return newer
+    head.stragglers_checked_at = now
+    lower = 0 if sweep else max(0, floor - STRAGGLER_WINDOW)
+    stragglers = list(events.filter(id__gt=lower, id__lte=floor, seal__isnull=True)[:limit])
+    # _EVENT_FIELDS starts with "id".
+    return sorted(stragglers + newer, key=lambda row: row[0])[:limit]
+
+
+def seal_pending_events(*, batch: int | None = None, sweep: bool = False) -> int:
+    """Link up to `batch` committed, unsealed events into the chain; returns how many.
+
+    One transaction holding the head's row lock: two sealers (two beat hosts, a manual run)
+    queue behind each other and each continues from the head the other left.
+    """
+    limit = batch or settings.AUDIT_SEAL_BATCH
+    with transaction.atomic():
+        head = _head_for_update()
+        checked_before = head.stragglers_checked_at
+        pending = _pending(head, limit, sweep)
+        if not pending:
+            if head.stragglers_checked_at != checked_before:
+                head.save(update_fields=["stragglers_checked_at"])
+            return 0
+        seq, prev = head.last_seq, head.last_hash
+        seals = []
+        for row in pending:
+            seq += 1
+            fields = dict(zip(_EVENT_FIELDS, row, strict=True))
+            fields.update(seq=seq, prev_hash=prev)
+            prev = event_hash(fields)
+            seals.append((fields["id"], seq, fields["prev_hash"], prev))
+        bulk_insert(AuditSeal, ("event_id", "seq", "prev_hash", "hash"), seals)
+        head.last_seq, head.last_hash = seq, prev
+        head.last_event_id = max(head.last_event_id or 0, pending[-1][0])
+        head.sealed_at = timezone.now()
+        head.save()
+    return len(pending)
+
+
+def seal_all_pending(*, sweep: bool = False) -> int:
+    total = 0
+    while sealed := seal_pending_events(sweep=sweep):
+        total += sealed
+    return total
+
+
+def unsealed_count() -> int:
+    """Events without a seal, exactly (an anti-join over the table: for verification)."""
+    return AuditEvent.objects.filter(seal__isnull=True).count()
+
+
+def total_event_count() -> int:
+    """Number of audit events without counting the whole table.
+
+    Events are never deleted, so they are the sealed ones (the head's seq) plus those above
+    the head's last sealed id (a primary-key range, small while the sealer keeps up). A
+    straggler (committed after a newer event was sealed) is left out until the next seal,
+    seconds later. One statement, one snapshot, so a seal committing meanwhile cannot count a
+    row twice.
+    """
+    quote = connection.ops.quote_name
+    events = quote(AuditEvent._meta.db_table)
+    heads = quote(AuditChainHead._meta.db_table)
+    # Identifiers from our own models only, no values.
+    sql = (
+        f"SELECT h.{quote('last_seq')} + (SELECT COUNT(*) FROM {events} e "  # noqa: S608
+        f"WHERE e.{quote('id')} > COALESCE(h.{quote('last_event_id')}, 0)) "
+        f"FROM {heads} h WHERE h.{quote('id')} = 1"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql)
+        row = cursor.fetchone()
+    return int(row[0]) if row else AuditEvent.objects.count()
