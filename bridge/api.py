@@ -42,6 +42,9 @@ class RolePermission(BasePermission):
         user = request.user
         if not (user and user.is_authenticated and user.is_active):
             return False
+        if not hasattr(view, (request.method or "").lower()):
+            # No handler for this method: let the view answer 405, which says more than 403.
+            return True
         needed = required_permissions(view, request)
         if needed is None:
             return False

@@ -104,6 +104,8 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "axes.middleware.AxesMiddleware",
+    # Innermost: an exception escaping an /api/ view becomes JSON before DEBUG's HTML page.
+    "bridge.middleware.ApiErrorMiddleware",
 ]
 
 ROOT_URLCONF = "bridge.urls"

@@ -1,22 +1,22 @@
 from django.contrib import admin
 from django.contrib.auth.views import redirect_to_login
-from django.http import HttpRequest, HttpResponseBase, JsonResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
 from django.urls import include, path, re_path
 from django.views.generic import RedirectView
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 from rest_framework.response import Response
 
+from bridge.middleware import server_error_json
 from recovery import health
 
 
-class DocsView(SpectacularSwaggerView):
-    """Swagger UI; an anonymous browser is sent to the console login and back."""
+class DocsView(SpectacularSwaggerSplitView):
+    """Swagger UI, an HTML page: an anonymous visitor is sent to the console login and back.
+    Its start-up script comes from its own URL (?script), not inline: CSP allows 'self' only."""
 
     def handle_exception(self, exc: Exception) -> Response | HttpResponseBase:
-        request = self.request
-        browser = "text/html" in request.META.get("HTTP_ACCEPT", "")
-        if browser and not request.user.is_authenticated:
-            return redirect_to_login(request.get_full_path(), "admin:login")
+        if not self.request.user.is_authenticated:
+            return redirect_to_login(self.request.get_full_path(), "admin:login")
         return super().handle_exception(exc)
 
 
@@ -55,13 +55,9 @@ def handler404(request: HttpRequest, exception: Exception) -> JsonResponse:
     return page_not_found(request, exception)
 
 
-def handler500(request: HttpRequest) -> JsonResponse:
+def handler500(request: HttpRequest) -> HttpResponse:
     from django.views.defaults import server_error
 
     if _wants_json(request):
-        request_id = getattr(request, "request_id", "")
-        return JsonResponse(
-            {"detail": "Internal server error.", "code": "server_error", "request_id": request_id},
-            status=500,
-        )
+        return server_error_json(request)
     return server_error(request)

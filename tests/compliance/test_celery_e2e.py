@@ -90,3 +90,34 @@ def test_a_real_worker_seals_committed_events_into_a_chain_that_verifies(worker_
     assert AuditEvent.objects.count() == EVENTS
     seqs = list(AuditEvent.objects.order_by("id").values_list("seal__seq", flat=True))
     assert seqs == list(range(1, EVENTS + 1))
+
+
+def test_a_real_worker_runs_a_verification_job_to_its_result(worker_queue, tmp_path):
+    from bridge.choices import JobStatus
+    from bridge.models import Job
+    from compliance import chain
+    from compliance.tasks import verify_audit_chain_task
+
+    # given a sealed chain and a pending verification job
+    for n in range(EVENTS):
+        audit.record_event(action=f"custom.job{n}")
+    chain.seal_all_pending()
+    job = verification.start_verification(
+        context=audit.AuditContext.system(), source="api", enqueue=False
+    )
+    # when its task goes through the broker to the worker
+    verify_audit_chain_task.apply_async(args=[job.pk], queue=worker_queue)
+    deadline = time.monotonic() + SEAL_TIMEOUT
+    while time.monotonic() < deadline:
+        job.refresh_from_db()
+        if job.is_final:
+            break
+        time.sleep(0.25)
+    # then the job row says what the worker found
+    log = (tmp_path / "worker.log").read_text()
+    assert job.status == JobStatus.SUCCEEDED, f"job {job.status}: {job.error}; worker log:\n{log}"
+    assert job.result["ok"] is True
+    assert job.result["checked"] == EVENTS
+    assert (job.progress_done, job.progress_total) == (EVENTS, EVENTS)
+    assert job.started_at is not None and job.finished_at >= job.started_at
+    assert Job.objects.filter(kind=job.kind).count() == 1

@@ -63,8 +63,13 @@ def test_refresh_rotates_and_the_old_refresh_token_is_spent(operator):
     assert rotated.status_code == 200
     pair = rotated.json()
     assert pair["refresh"] != first["refresh"]
+    # the new access token works
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {pair['access']}")
-    assert client.post(LOGOUT).status_code == 200
+    assert client.get("/api/jobs").status_code == 200
+    # and the old refresh token, presented again, is refused as spent
+    client.credentials()
+    again = client.post(REFRESH, {"refresh": first["refresh"]}, format="json")
+    assert (again.status_code, again.json()["code"]) == (401, "token_reused")
 
 
 @pytest.mark.django_db

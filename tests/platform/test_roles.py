@@ -1,0 +1,102 @@
+"""Roles are a map in code, synchronised after migrate, checked with has_perm everywhere."""
+
+from __future__ import annotations
+
+import pytest
+from django.contrib.auth.models import Group, Permission
+from django.core.management.sql import emit_post_migrate_signal
+from django.test import Client
+
+from bridge import roles
+from bridge.roles import ROLE_PERMISSIONS, Role
+from security.models import User
+from tests.conftest import client_for, make_user
+
+EVENTS = "/api/compliance/audit/events"
+
+
+def _codes(group: Group) -> set[str]:
+    return {
+        f"{app}.{code}"
+        for app, code in group.permissions.values_list("content_type__app_label", "codename")
+    }
+
+
+@pytest.mark.django_db
+def test_each_role_group_holds_exactly_the_permissions_of_the_map():
+    for role, entries in ROLE_PERMISSIONS.items():
+        group = Group.objects.get(name=role)
+        expected = {
+            f"{app}.{code}"
+            for app, code in roles.resolve(entries).values_list(
+                "content_type__app_label", "codename"
+            )
+        }
+        assert expected, f"{role} resolves to no permission"
+        assert _codes(group) == expected
+
+
+@pytest.mark.django_db
+def test_the_map_names_only_permissions_that_exist():
+    for entries in ROLE_PERMISSIONS.values():
+        for entry in entries:
+            assert roles.resolve((entry,)).exists(), f"{entry} matches no permission"
+
+
+@pytest.mark.django_db
+def test_migrate_puts_a_hand_edited_group_back_to_the_map(monkeypatch):
+    # given a permission granted by hand in the console, and one added to the map in code
+    group = Group.objects.get(name=Role.OPERATOR)
+    group.permissions.add(Permission.objects.get(codename="delete_user"))
+    monkeypatch.setitem(
+        ROLE_PERMISSIONS,
+        Role.OPERATOR,
+        (*ROLE_PERMISSIONS[Role.OPERATOR], "django_celery_beat.change_periodictask"),
+    )
+    # when migrate finishes (it sends post_migrate)
+    emit_post_migrate_signal(verbosity=0, interactive=False, db="default")
+    # then the group is the map again: the hand-made grant gone, the new entry there
+    codes = _codes(group)
+    assert "security.delete_user" not in codes
+    assert "django_celery_beat.change_periodictask" in codes
+
+
+@pytest.mark.django_db
+def test_a_single_permission_without_a_role_is_enough_because_has_perm_decides():
+    # given a user with no group, granted only the permission to view audit events
+    user = make_user("vera")
+    user.user_permissions.add(Permission.objects.get(codename="view_auditevent"))
+    api = client_for(user)
+    # then the event list opens, and what needs another permission stays closed
+    assert api.get(EVENTS).status_code == 200
+    refused = api.post("/api/compliance/audit/verify")
+    assert refused.status_code == 403
+    assert refused.json()["code"] == "permission_denied"
+    assert "compliance.verify_chain" in refused.json()["detail"]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("role", "allowed"),
+    [(Role.COMPLIANCE_OFFICER, True), (Role.OPERATOR, False), (Role.SECURITY_OFFICER, False)],
+)
+def test_the_api_and_the_console_agree_on_who_sees_the_audit_trail(role, allowed):
+    user = make_user(f"u-{role}", role)
+    User.objects.filter(pk=user.pk).update(is_staff=True)
+    api = client_for(user)
+    console = Client()
+    console.force_login(user)
+    api_status = api.get(EVENTS).status_code
+    console_status = console.get("/admin/compliance/auditevent/").status_code
+    assert (api_status == 200, console_status == 200) == (allowed, allowed)
+    assert api_status in (200, 403) and console_status in (200, 403)
+
+
+@pytest.mark.django_db
+def test_custom_events_may_be_logged_by_every_role_and_nobody_else(
+    operator_api, security_officer, compliance_api, outsider_api
+):
+    payload = {"action": "deploy", "details": {"v": 1}}
+    for api in (operator_api, client_for(security_officer), compliance_api):
+        assert api.post("/api/compliance/audit/log", payload, format="json").status_code == 201
+    assert outsider_api.post("/api/compliance/audit/log", payload, format="json").status_code == 403
