@@ -217,6 +217,14 @@ if env_bool("BRIDGE_FAST_PASSWORD_HASHER", False):
 
 JWT_EXPIRATION = env_duration("JWT_EXPIRATION", "15m")
 JWT_REFRESH_EXPIRATION = env_duration("JWT_REFRESH_EXPIRATION", "1d")
+# Reuse grace (Okta's and Auth0's reuse interval): for this long after a rotation, the refresh
+# token just rotated, presented again, gets the same successor pair back instead of revoking
+# its family, so a client that lost the answer keeps its session. "0" (default): strict.
+JWT_REFRESH_REUSE_GRACE = (
+    None
+    if env_str("JWT_REFRESH_REUSE_GRACE", "0").strip().rstrip("smhd") == "0"
+    else env_duration("JWT_REFRESH_REUSE_GRACE", "0")
+)
 SIMPLE_JWT = {
     "ACCESS_TOKEN_LIFETIME": JWT_EXPIRATION,
     "REFRESH_TOKEN_LIFETIME": JWT_REFRESH_EXPIRATION,

@@ -11,6 +11,7 @@ class AuditAction(models.TextChoices):
     LOGOUT = "auth.logout", "Logout"
     TOKEN_REFRESHED = "auth.token.refreshed", "Token refreshed"
     TOKEN_REUSE_DETECTED = "auth.token.reuse_detected", "Refresh token reuse detected"
+    TOKEN_REFRESH_RETRIED = "auth.token.refresh_retried", "Refresh retried within the grace window"
     SESSIONS_REVOKED = "auth.sessions.revoked", "Sessions revoked by an administrator"
     ADMIN_CHANGE = "admin.change", "Admin change"
     ADMIN_REQUEST = "admin.request", "Admin form or action sent"

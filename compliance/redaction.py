@@ -24,6 +24,7 @@ handed to a regular expression when a cheap substring test says one could match.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import re
 from collections.abc import Iterable
@@ -149,7 +150,9 @@ _PEM = re.compile(
     r"-----BEGIN [A-Z0-9 ]{1,64}-----.*?(?:-----END [A-Z0-9 ]{1,64}-----|\Z)",
     re.DOTALL,
 )
-_JWT = re.compile(r"\beyJ[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]*){2,4}")
+# A match may only start where a run of its characters starts (the lookbehinds): then each
+# character is scanned a bounded number of times and a hostile 64 KB body stays linear.
+_JWT = re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]*){2,4}")
 # The credential must look like one (a digit, a symbol or a lower-to-upper case change), so
 # prose such as "bearer of bad news" or "Basic configuration" is left alone.
 _AUTH_SCHEME = re.compile(
@@ -157,9 +160,9 @@ _AUTH_SCHEME = re.compile(
     r"(?=[A-Za-z0-9._~+/=-]*(?:[0-9._~+/=-]|[a-z][A-Z]))[A-Za-z0-9._~+/-]+=*"
 )
 _SCHEMES = frozenset({"bearer", "basic"})
-_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*:)[^@/?#\s]+(?=@)")
-# The lookbehind lets a name start only after a non-name character, which keeps the scan
-# linear on long runs such as a base64 blob ending in `=`.
+_URL_PASSWORD = re.compile(
+    r"(?<![A-Za-z0-9+.-])(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*:)[^@/?#\s]+(?=@)"
+)
 _ASSIGNMENT = re.compile(
     r"(?<![A-Za-z0-9_.-])(?P<name>[A-Za-z_][A-Za-z0-9_.-]*)"
     r"(?P<sep>[\"']?\s*[=:]\s*[\"']?)(?P<value>[^\s&;,\"'<>()\[\]{}]+)"
@@ -183,7 +186,7 @@ def is_secret_key(key: str) -> bool:
     for word in words:
         if word in SECRET_WORDS or word.endswith(SECRET_WORD_ENDINGS):
             return True
-    return any(pair in SECRET_PAIRS for pair in zip(words, words[1:], strict=False))
+    return any(pair in SECRET_PAIRS for pair in itertools.pairwise(words))
 
 
 @functools.lru_cache(maxsize=1024)

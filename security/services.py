@@ -7,9 +7,13 @@ and leaves one audit event.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
+from datetime import timedelta
 
+from django.conf import settings
 from django.contrib.auth import authenticate
+from django.core.cache import cache
 from django.db import transaction
 from django.db.models import F, QuerySet
 from django.http import HttpRequest
@@ -57,11 +61,16 @@ class TokenPair:
     refresh: str
 
 
-def _issue(user: User, family: TokenFamily) -> TokenPair:
+def _mint(user: User, family: TokenFamily) -> tuple[TokenPair, str]:
     refresh = RefreshToken.for_user(user)
     refresh["fam"] = str(family.pk)
     refresh["ver"] = user.token_version
-    return TokenPair(access=str(refresh.access_token), refresh=str(refresh))
+    pair = TokenPair(access=str(refresh.access_token), refresh=str(refresh))
+    return pair, refresh[jwt_settings.JTI_CLAIM]
+
+
+def _issue(user: User, family: TokenFamily) -> TokenPair:
+    return _mint(user, family)[0]
 
 
 def login(*, request: HttpRequest, username: str, password: str) -> TokenPair:
@@ -97,13 +106,84 @@ def _decode_refresh(raw: str) -> dict:
     return payload
 
 
+# --- Reuse grace ---------------------------------------------------------------------------
+#
+# With JWT_REFRESH_REUSE_GRACE on, each rotation keeps its successor pair in Django's shared
+# cache under the spent token's jti for the grace period, so that the same token presented
+# again soon after (a client retrying a call whose answer it lost, or racing itself) gets that
+# same pair back instead of revoking the family. Nothing new is issued on a retry: a family
+# stays one chain of refresh tokens.
+#
+# The entry is written inside the rotating transaction, before COMMIT, and not in on_commit:
+# COMMIT releases the family lock before on_commit callbacks run, so a concurrent retry
+# waiting on that lock could look before the entry exists and revoke the family. Written
+# early, the entry may outlive a rolled-back rotation, so it is never trusted on its own: it
+# is served only while the database (read under the family lock, i.e. committed state) shows
+# that the presented token is spent, that the entry's successor was issued to this user and
+# is still unspent (so the presented token is the family's latest parent and the successor
+# has not rotated further), and that the family last rotated within the grace period. A
+# rolled-back rotation's successor was never issued, so its entry can never pass.
+
+
+def _reuse_grace() -> timedelta:
+    """The configured grace, `timedelta(0)` when off (the setting may be None or 0)."""
+    return getattr(settings, "JWT_REFRESH_REUSE_GRACE", None) or timedelta(0)
+
+
+def _grace_key(spent_jti: str) -> str:
+    return f"security:refresh-grace:{spent_jti}"
+
+
+def _remember_successor(
+    spent_jti: str, family: TokenFamily, pair: TokenPair, successor_jti: str, grace: timedelta
+) -> None:
+    entry = {
+        "family": str(family.pk),
+        "successor_jti": successor_jti,
+        "access": pair.access,
+        "refresh": pair.refresh,
+    }
+    try:
+        # The database check decides the window; the cache only has to keep the entry as long.
+        cache.set(_grace_key(spent_jti), entry, timeout=math.ceil(grace.total_seconds()))
+    except Exception:
+        # Without its cache the refresh still works; only this rotation has no grace.
+        log.warning("refresh grace entry not stored (cache unavailable)", exc_info=True)
+
+
+def _successor_within_grace(
+    spent_jti: str, family: TokenFamily, user: User
+) -> tuple[TokenPair, timedelta] | None:
+    """The pair a rotation of `spent_jti` issued, if it may be handed out again (see above)."""
+    grace = _reuse_grace()
+    if not grace or family.last_refreshed_at is None:
+        return None
+    since_rotation = timezone.now() - family.last_refreshed_at
+    if since_rotation > grace:
+        return None
+    try:
+        entry = cache.get(_grace_key(spent_jti))
+    except Exception:
+        log.warning("refresh grace entry not read (cache unavailable)", exc_info=True)
+        return None
+    if not isinstance(entry, dict) or entry.get("family") != str(family.pk):
+        return None
+    issued_and_unspent = OutstandingToken.objects.filter(
+        jti=entry["successor_jti"], user=user, blacklistedtoken__isnull=True
+    ).exists()
+    if not issued_and_unspent:
+        return None
+    return TokenPair(access=entry["access"], refresh=entry["refresh"]), since_rotation
+
+
 def refresh(*, request: HttpRequest, refresh_token: str) -> TokenPair:
     """Rotate a refresh token; presenting an already-rotated one revokes its whole family.
 
     The family row is locked first, so two refreshes of one token run one after the other:
     the first rotates, the second finds the token spent and is treated as reuse (RFC 9700).
     Reuse also bumps the user's token version, so access tokens already handed out stop
-    working at once.
+    working at once. With JWT_REFRESH_REUSE_GRACE on, the family's latest spent token
+    presented again within the grace gets the pair its rotation issued instead (see above).
     """
     payload = _decode_refresh(refresh_token)
     jti = payload[jwt_settings.JTI_CLAIM]
@@ -122,7 +202,22 @@ def refresh(*, request: HttpRequest, refresh_token: str) -> TokenPair:
             raise AuthError("This session has been revoked.", "token_revoked")
         if not user.is_active:
             raise AuthError("User is inactive.", "user_inactive")
-        if BlacklistedToken.objects.filter(token__jti=jti).exists():
+        spent = BlacklistedToken.objects.filter(token__jti=jti).exists()
+        retried = _successor_within_grace(jti, family, user) if spent else None
+        if retried is not None:
+            pair, since_rotation = retried
+            # No token material here: the pair is live, the trail is read by many.
+            record_event(
+                action=AuditAction.TOKEN_REFRESH_RETRIED,
+                context=AuditContext.from_request(request, user=user),
+                object_type="security.tokenfamily",
+                object_id=family.pk,
+                details={
+                    "seconds_since_rotation": round(since_rotation.total_seconds(), 3),
+                    "refreshes": family.refresh_count,
+                },
+            )
+        elif spent:
             reused = True
             _revoke_families(
                 TokenFamily.objects.filter(pk=family.pk), FamilyRevocation.REUSE_DETECTED
@@ -148,7 +243,10 @@ def refresh(*, request: HttpRequest, refresh_token: str) -> TokenPair:
             TokenFamily.objects.filter(pk=family.pk).update(
                 last_refreshed_at=timezone.now(), refresh_count=F("refresh_count") + 1
             )
-            pair = _issue(user, family)
+            pair, successor_jti = _mint(user, family)
+            grace = _reuse_grace()
+            if grace:
+                _remember_successor(jti, family, pair, successor_jti, grace)
             record_event(
                 action=AuditAction.TOKEN_REFRESHED,
                 context=AuditContext.from_request(request, user=user),
