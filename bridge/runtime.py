@@ -98,8 +98,9 @@ class SecretUrlFilter(SafeExceptionReporterFilter):
 
     def cleanse_setting(self, key: object, value: object) -> object:
         cleansed = super().cleanse_setting(key, value)
-        if isinstance(cleansed, str):
-            return scrub_url_credentials(cleansed)
+        if isinstance(cleansed, str):  # lazy strings too, hence str() before matching
+            scrubbed = scrub_url_credentials(str(cleansed))
+            return scrubbed if scrubbed != str(cleansed) else cleansed
         return cleansed
 
     def get_traceback_frame_variables(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import subprocess
 import sys
 from datetime import timedelta
@@ -117,6 +119,160 @@ def test_an_unreadable_secret_key_file_refuses_to_start_naming_it(tmp_path):
     result = load_settings(tmp_path, SECRET_KEY_FILE=str(tmp_path / "missing"))
     assert result.returncode != 0
     assert "SECRET_KEY_FILE: cannot read" in result.stderr
+
+
+# --- make run, production hardening, timeouts ---------------------------------------------
+
+SHOW_SETTINGS = LOAD_SETTINGS + (
+    "; import json, sys; from django.conf import settings as s; "
+    "print(json.dumps({n: getattr(s, n, None) for n in sys.argv[1:]}, default=str))"
+)
+
+
+def settings_of(var_dir: Path, names: list[str], **env: str) -> dict:
+    """The named settings as a fresh interpreter with only `env` computes them."""
+    clean = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "BRIDGE_VAR_DIR": str(var_dir)}
+    clean.update(env)
+    result = subprocess.run(
+        [sys.executable, "-c", SHOW_SETTINGS, *names],
+        cwd=ROOT,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+COOKIES = ["SESSION_COOKIE_SECURE", "CSRF_COOKIE_SECURE"]
+
+
+def test_make_run_serves_with_debug_off_on_the_generated_key_and_local_hosts(tmp_path):
+    # when settings load as bin/run starts them
+    values = settings_of(
+        tmp_path, ["DEBUG", "ALLOWED_HOSTS", *COOKIES], DEBUG="0", BRIDGE_LOCAL_RUN="1"
+    )
+    # then DEBUG is off, yet the generated key and the local host names are accepted, and
+    # the cookies still work over plain http on 127.0.0.1
+    assert values["DEBUG"] is False
+    assert values["ALLOWED_HOSTS"] == ["localhost", "127.0.0.1", "[::1]"]
+    assert (values["SESSION_COOKIE_SECURE"], values["CSRF_COOKIE_SECURE"]) == (False, False)
+    assert (tmp_path / "dev_secret_key").stat().st_mode & 0o777 == 0o600
+
+
+def test_the_make_run_marker_cannot_relax_production(tmp_path):
+    # given production settings with bin/run's marker set too
+    result = load_settings(tmp_path, BRIDGE_ENV="production", BRIDGE_LOCAL_RUN="1")
+    # then it still refuses to start without a key of its own
+    assert result.returncode != 0
+    assert "SECRET_KEY is not set" in result.stderr
+    assert not (tmp_path / "dev_secret_key").exists()
+    # and with a key, the cookies are HTTPS-only
+    values = settings_of(
+        tmp_path,
+        COOKIES,
+        BRIDGE_ENV="production",
+        BRIDGE_LOCAL_RUN="1",
+        SECRET_KEY=GOOD_KEY,
+        ALLOWED_HOSTS="bridge.example.org",
+    )
+    assert values == {"SESSION_COOKIE_SECURE": True, "CSRF_COOKIE_SECURE": True}
+
+
+def test_postgresql_connections_get_connect_and_statement_timeouts(tmp_path):
+    # given a DATABASE_URL with options of its own
+    url = "postgres://bridge@db.example.org:5432/bridge?sslmode=require"
+    # when
+    default = settings_of(tmp_path, ["DATABASES"], DATABASE_URL=url)
+    tuned = settings_of(
+        tmp_path,
+        ["DATABASES"],
+        DATABASE_URL=url,
+        DB_CONNECT_TIMEOUT="2",
+        DB_STATEMENT_TIMEOUT="500ms",
+    )
+    unlimited = settings_of(tmp_path, ["DATABASES"], DATABASE_URL=url, DB_STATEMENT_TIMEOUT="0")
+    # then
+    assert default["DATABASES"]["default"]["OPTIONS"] == {
+        "sslmode": "require",
+        "connect_timeout": 5,
+        "options": "-c statement_timeout=30000",
+    }
+    tuned_options = tuned["DATABASES"]["default"]["OPTIONS"]
+    assert tuned_options["connect_timeout"] == 2
+    assert tuned_options["options"] == "-c statement_timeout=500"
+    assert "options" not in unlimited["DATABASES"]["default"]["OPTIONS"]
+
+
+def test_sqlite_keeps_its_busy_timeout_and_gets_no_postgresql_options(tmp_path):
+    options = settings_of(tmp_path, ["DATABASES"])["DATABASES"]["default"]["OPTIONS"]
+    assert options["timeout"] == 20
+    assert "connect_timeout" not in options and "options" not in options
+
+
+def test_a_malformed_statement_timeout_refuses_to_start_naming_it(tmp_path):
+    result = load_settings(tmp_path, DB_STATEMENT_TIMEOUT="forever")
+    assert result.returncode != 0
+    assert "DB_STATEMENT_TIMEOUT" in result.stderr
+
+
+def test_redis_gets_connect_and_read_timeouts(tmp_path):
+    values = settings_of(
+        tmp_path, ["CACHES"], REDIS_URL="redis://cache.example.org:6379/0", REDIS_TIMEOUT="3"
+    )
+    options = values["CACHES"]["default"]["OPTIONS"]
+    assert options == {"socket_connect_timeout": 3, "socket_timeout": 3}
+
+
+def test_a_tls_proxy_header_is_trusted_only_when_named(tmp_path):
+    production = {"DEBUG": "0", "SECRET_KEY": GOOD_KEY, "ALLOWED_HOSTS": "bridge.example.org"}
+    plain = settings_of(tmp_path, ["SECURE_PROXY_SSL_HEADER"], **production)
+    proxied = settings_of(
+        tmp_path,
+        ["SECURE_PROXY_SSL_HEADER"],
+        SECURE_PROXY_SSL_HEADER="X-Forwarded-Proto",
+        **production,
+    )
+    assert plain["SECURE_PROXY_SSL_HEADER"] is None
+    assert proxied["SECURE_PROXY_SSL_HEADER"] == ["HTTP_X_FORWARDED_PROTO", "https"]
+
+
+DEPLOY_CHECK = [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"]
+TLS = {
+    "SECURE_HSTS_SECONDS": "31536000",
+    "SECURE_HSTS_INCLUDE_SUBDOMAINS": "1",
+    "SECURE_HSTS_PRELOAD": "1",
+    "SECURE_SSL_REDIRECT": "1",
+}
+
+
+def deploy_check(var_dir: Path, **env: str) -> subprocess.CompletedProcess:
+    clean = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "BRIDGE_VAR_DIR": str(var_dir)}
+    clean.update(
+        BRIDGE_ENV="production",
+        SECRET_KEY=secrets.token_urlsafe(50),
+        ALLOWED_HOSTS="bridge.example.org",
+        **env,
+    )
+    return subprocess.run(
+        DEPLOY_CHECK, cwd=ROOT, env=clean, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_deploy_check_is_clean_in_production_with_tls_configured(tmp_path):
+    result = deploy_check(tmp_path, **TLS)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "System check identified no issues" in result.stdout
+    assert "WARNING" not in result.stdout + result.stderr
+
+
+def test_deploy_check_names_what_is_missing_before_tls_is_configured(tmp_path):
+    result = deploy_check(tmp_path)
+    assert result.returncode != 0
+    for warning in ("security.W004", "security.W008"):
+        assert warning in result.stderr + result.stdout
 
 
 # --- bridge.env.parse_duration ------------------------------------------------------------

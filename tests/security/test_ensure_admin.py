@@ -1,9 +1,10 @@
-"""`manage.py ensure_admin`: idempotent, prints a generated password once, audits changes."""
+"""`manage.py ensure_admin`: idempotent, leaves a generated password in a private file for
+`make run` to show once, audits changes."""
 
 from __future__ import annotations
 
-import re
 from io import StringIO
+from pathlib import Path
 
 import pytest
 from django.core.management import call_command
@@ -12,7 +13,6 @@ from django.test import override_settings
 from compliance.models import AuditEvent
 from security.models import User
 
-GENERATED = re.compile(r"with password: (\S+)")
 ENV_PASSWORD = "Env-Supplied-Passphrase-77"
 
 
@@ -22,8 +22,22 @@ def ensure_admin() -> str:
     return out.getvalue()
 
 
+def take_generated(var_dir: Path) -> str:
+    """Read and remove the password file, as bin/run does once Bridge is up."""
+    path = var_dir / "admin_password"
+    password = path.read_text().strip()
+    path.unlink()
+    return password
+
+
 def admin_events() -> list[AuditEvent]:
     return list(AuditEvent.objects.filter(action="admin.account").order_by("id"))
+
+
+@pytest.fixture(autouse=True)
+def var_dir(tmp_path) -> Path:
+    with override_settings(VAR_DIR=tmp_path):
+        yield tmp_path
 
 
 @pytest.fixture
@@ -33,16 +47,22 @@ def no_env_password(monkeypatch):
 
 
 @pytest.mark.django_db
-def test_first_run_creates_a_superuser_and_prints_a_working_generated_password(no_env_password):
+def test_first_run_creates_a_superuser_with_a_working_password_in_a_private_file(
+    no_env_password, var_dir
+):
     # when
     output = ensure_admin()
-    # then
+    # then the password waits in a file only its owner can read, and is not printed
     admin = User.objects.get(username="admin")
     assert (admin.is_superuser, admin.is_staff, admin.is_active) == (True, True, True)
-    [password] = GENERATED.findall(output)
+    password_file = var_dir / "admin_password"
+    assert password_file.stat().st_mode & 0o777 == 0o600
+    password = take_generated(var_dir)
     assert len(password) >= 20
     assert admin.check_password(password)
-    assert output.count(password) == 1
+    assert password not in output
+    assert str(password_file) in output
+    assert list(var_dir.iterdir()) == []  # no temporary file left behind
     [event] = admin_events()
     assert event.object_type == "security.user" and event.object_id == str(admin.pk)
     assert event.details_data["created"] is True
@@ -50,15 +70,15 @@ def test_first_run_creates_a_superuser_and_prints_a_working_generated_password(n
 
 
 @pytest.mark.django_db
-def test_second_run_prints_no_password_and_changes_nothing(no_env_password):
+def test_second_run_writes_no_password_and_changes_nothing(no_env_password, var_dir):
     # given
-    first = ensure_admin()
-    password = GENERATED.findall(first)[0]
+    ensure_admin()
+    password = take_generated(var_dir)
     hash_before = User.objects.get(username="admin").password
     # when
     second = ensure_admin()
     # then
-    assert GENERATED.search(second) is None
+    assert not (var_dir / "admin_password").exists()
     assert password not in second
     assert "Admin account 'admin' is ready." in second
     admin = User.objects.get(username="admin")
@@ -69,7 +89,7 @@ def test_second_run_prints_no_password_and_changes_nothing(no_env_password):
 
 
 @pytest.mark.django_db
-def test_an_env_password_is_used_on_creation_and_never_printed(monkeypatch):
+def test_an_env_password_is_used_on_creation_and_never_printed_nor_stored(monkeypatch, var_dir):
     # given
     monkeypatch.setenv("BRIDGE_ADMIN_PASSWORD", ENV_PASSWORD)
     # when
@@ -77,15 +97,19 @@ def test_an_env_password_is_used_on_creation_and_never_printed(monkeypatch):
     # then
     assert "Created admin account 'admin'." in output
     assert ENV_PASSWORD not in output
+    assert not (var_dir / "admin_password").exists()
     assert User.objects.get(username="admin").check_password(ENV_PASSWORD)
     [event] = admin_events()
     assert ENV_PASSWORD not in event.details
 
 
 @pytest.mark.django_db
-def test_setting_bridge_admin_password_resets_an_existing_admin_once(no_env_password, monkeypatch):
+def test_setting_bridge_admin_password_resets_an_existing_admin_once(
+    no_env_password, monkeypatch, var_dir
+):
     # given an admin created with a generated password
-    generated = GENERATED.findall(ensure_admin())[0]
+    ensure_admin()
+    generated = take_generated(var_dir)
     # when the operator sets BRIDGE_ADMIN_PASSWORD and runs the command twice
     monkeypatch.setenv("BRIDGE_ADMIN_PASSWORD", ENV_PASSWORD)
     ensure_admin()

@@ -1,18 +1,21 @@
+import os
 import secrets
+from pathlib import Path
 
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
 from bridge.env import env_str
-from compliance.choices import AuditAction
 from compliance.audit import AuditContext, record_event
+from compliance.choices import AuditAction
 from security.models import User
 
 
 class Command(BaseCommand):
     help = (
         "Make sure the admin account BRIDGE_ADMIN_USERNAME exists. Its password comes from "
-        "BRIDGE_ADMIN_PASSWORD; when unset, a new account gets a random one, printed once."
+        "BRIDGE_ADMIN_PASSWORD; when unset, a new account gets a random one, left in "
+        "var/admin_password (readable by its owner only) for `make run` to show once."
     )
 
     def handle(self, *args: object, **options: object) -> None:
@@ -31,11 +34,14 @@ class Command(BaseCommand):
                 details={"created": True, "generated": generated},
             )
             if generated:
-                # Printed to the operator's terminal once; it is never logged or stored.
+                # Never logged nor audited. bin/run prints it once the server is up and then
+                # deletes the file, so that it is not lost in the start-up logs.
+                path = write_private(Path(settings.VAR_DIR) / "admin_password", password)
                 self.stdout.write(
                     self.style.WARNING(
-                        f"Created admin account '{username}' with password: {password}\n"
-                        "It is shown only this once: note it now or set BRIDGE_ADMIN_PASSWORD."
+                        f"Created admin account '{username}' with a generated password, kept in "
+                        f"{path} (readable by you only) until `make run` shows it once.\n"
+                        "Or set BRIDGE_ADMIN_PASSWORD and run again to choose it."
                     )
                 )
             else:
@@ -58,3 +64,13 @@ class Command(BaseCommand):
                 details={"created": False, "updated": changed},
             )
         self.stdout.write(f"Admin account '{username}' is ready.")
+
+
+def write_private(path: Path, text: str) -> Path:
+    """Write `text` to `path`, readable and writable by the owner only from the first byte."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text + "\n")
+    tmp.replace(path)
+    return path
