@@ -69,8 +69,15 @@ def sync_roles() -> None:
 
 @receiver(post_migrate)
 def sync_roles_after_migrate(sender: Any, **kwargs: Any) -> None:
-    # post_migrate fires once per app; permissions of every app exist by the last one, and
-    # syncing each time is a handful of queries.
+    """After migrate (and after a test flush), once every app has sent post_migrate."""
+    from django.apps import apps
+    from django.contrib.auth.management import create_permissions
+
     if kwargs.get("using", "default") != "default":
         return
-    sync_roles()
+    # This receiver may run before auth's for the same app (INSTALLED_APPS order decides), so
+    # the sender's permissions are made first; at the last app, every permission exists.
+    create_permissions(sender, verbosity=0, using=kwargs.get("using", "default"))
+    last = [config for config in apps.get_app_configs() if config.models_module][-1]
+    if sender is last:
+        sync_roles()

@@ -202,6 +202,29 @@ def _audit_check() -> tuple[bool, str]:
     return True, f"oldest unsealed event is {_seconds(seconds)} old"
 
 
+def _verification_check() -> tuple[bool, str]:
+    """The last finished chain verification: intact, and no older than two intervals."""
+    from compliance.models import AuditEvent
+    from compliance.verification import latest_verification
+
+    limit = 2 * settings.AUDIT_VERIFY_INTERVAL
+    run = latest_verification()
+    now = timezone.now()
+    if run is None:
+        first = AuditEvent.objects.order_by("id").values_list("occurred_at", flat=True).first()
+        if first is None or (now - first).total_seconds() < limit:
+            return True, "no verification yet (the first one is due)"
+        return False, "no verification has finished yet"
+    age = (now - run.finished_at).total_seconds()
+    if run.ok is None:
+        return False, f"the last verification failed to run {_seconds(age)} ago"
+    if not run.ok:
+        return False, f"CHAIN BROKEN at event {run.first_broken_id} (verified {_seconds(age)} ago)"
+    if age > limit:
+        return False, f"last verification {_seconds(age)} ago (limit {_seconds(limit)})"
+    return True, f"intact, verified {_seconds(age)} ago"
+
+
 def _reason_check(check: Callable[[], str | None], ok_detail: str) -> Callable:
     def run() -> tuple[bool, str]:
         reason = check()
@@ -244,6 +267,7 @@ def checks() -> list[Check]:
         Check("worker", False, lambda: _heartbeat_check("worker")),
         Check("beat", False, lambda: _heartbeat_check("beat")),
         Check("audit", False, _closing_db(_audit_check)),
+        Check("verification", False, _closing_db(_verification_check)),
     ]
 
 

@@ -54,6 +54,20 @@ def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix: N
         test["NAME"] = f"test_{database['NAME']}_{run}"
 
 
+RUN_SERVER_TESTS = REQUIRE_SERVICES or os.environ.get("BRIDGE_SERVER_TESTS") == "1"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Tests that start Bridge's own processes take most of a local run's time: CI runs them
+    # (BRIDGE_REQUIRE_SERVICES=1), a local `make test` skips them unless asked.
+    if RUN_SERVER_TESTS:
+        return
+    skip = pytest.mark.skip(reason="starts servers: set BRIDGE_SERVER_TESTS=1 (CI runs it)")
+    for item in items:
+        if "servers" in item.keywords:
+            item.add_marker(skip)
+
+
 def need(condition: bool, reason: str) -> None:
     """Skip when a real service is missing; under BRIDGE_REQUIRE_SERVICES=1, fail instead."""
     if condition:

@@ -175,6 +175,7 @@ def short_tmp() -> Iterator[Path]:
 # --- make run -----------------------------------------------------------------------------
 
 
+@pytest.mark.servers
 def test_make_run_supervises_web_worker_and_beat_restarts_a_killed_worker_and_stops_on_ctrl_c(
     short_tmp,
 ):
@@ -344,6 +345,7 @@ def hung_port() -> Iterator[int]:
     listener.close()
 
 
+@pytest.mark.servers
 def test_probes_answer_in_time_while_database_cache_and_broker_hang(tmp_path, hung_port):
     # given a web server whose database, cache and broker accept connections and never answer
     port = free_port()

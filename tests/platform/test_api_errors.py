@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from django.test import Client, override_settings
-from rest_framework.test import APIClient
 
 
 @pytest.mark.django_db

@@ -189,6 +189,13 @@ def test_a_worker_whose_job_was_reaped_stops_and_cannot_revive_it():
     assert (row.status, row.error, row.result) == (JobStatus.FAILED, "reaped", {})
 
 
+def _fresh_broker_pool(app) -> None:
+    # Not closed: kombu keeps producer pools per broker URL process-wide, and the next test's
+    # pool for the real broker must stay usable.
+    app._pool = None
+    app.amqp._producer_pool = None
+
+
 @pytest.mark.django_db
 def test_a_job_the_broker_refuses_is_failed_loudly(monkeypatch, django_capture_on_commit_callbacks):
     from bridge.celery import app
@@ -198,12 +205,13 @@ def test_a_job_the_broker_refuses_is_failed_loudly(monkeypatch, django_capture_o
     monkeypatch.setitem(app.conf, "broker_url", "redis://127.0.0.1:1/0")
     monkeypatch.setitem(app.conf, "task_publish_retry", False)
     monkeypatch.setitem(app.conf, "broker_connection_timeout", 1)
-    app.pool.force_close_all()
+    _fresh_broker_pool(app)
     try:
         with django_capture_on_commit_callbacks(execute=True):
             job = jobs.start_job(kind=VERIFY_JOB_KIND, context=AuditContext.system())
     finally:
-        app.pool.force_close_all()
+        # The next test gets a pool of its own, on the broker its settings name.
+        _fresh_broker_pool(app)
     job.refresh_from_db()
     assert job.status == JobStatus.FAILED
     assert job.error.startswith("could not be queued")

@@ -11,14 +11,16 @@ from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
+from django.conf import settings as dj_settings
 from django.core.cache import cache
 from django.db import OperationalError
 from django.test import override_settings
 from django.utils import timezone
 
+from compliance import audit, chain
 from compliance.models import AuditChainHead, AuditEvent
 from recovery import health
-from tests.conftest import need
+from tests.conftest import bypass_triggers, need
 
 LIVE = "/health/live"
 READY = "/health/ready"
@@ -26,7 +28,7 @@ UNREACHABLE_BROKER = "redis://127.0.0.1:1/0"
 BROKER_PASSWORD = "s3cret-broker-pw"
 REDIS_PASSWORD = "s3cret-redis-pw"
 CRITICAL = ["database", "cache", "broker"]
-BACKGROUND = ["worker", "beat", "audit"]
+BACKGROUND = ["worker", "beat", "audit", "verification"]
 
 
 @pytest.fixture(autouse=True)
@@ -379,3 +381,64 @@ def test_with_redis_url_the_shared_cache_is_redis():
     assert len(keys) == 1
     assert cache.get("bridge-test-shared") == "seen-by-every-process"
     cache.delete("bridge-test-shared")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_fresh_install_without_a_verification_yet_is_not_degraded(anon_api, beating):
+    audit.record_event(action="custom.first")
+    check = anon_api.get(READY).json()["checks"]["verification"]
+    assert (check["ok"], check["detail"]) == (True, "no verification yet (the first one is due)")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_trail_never_verified_for_two_intervals_degrades_readiness(anon_api, beating, settings):
+    # given events older than two verification intervals and no verification at all
+    event = audit.record_event(action="custom.old")
+    old = timezone.now() - timedelta(seconds=2 * settings.AUDIT_VERIFY_INTERVAL + 60)
+    bypass_triggers("UPDATE compliance_auditevent SET occurred_at = %s WHERE id = %s", [old, event])
+    # then
+    body = anon_api.get(READY).json()
+    assert response_ok(body) and "verification" in body["degraded"]
+    assert body["checks"]["verification"]["detail"] == "no verification has finished yet"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_last_verification_age_and_outcome_show_in_readiness(anon_api, beating, verify):
+    # given an intact, fresh verification
+    verify()
+    check = anon_api.get(READY).json()["checks"]["verification"]
+    assert check["ok"] is True and check["detail"].startswith("intact, verified ")
+    # when it grows older than two intervals
+    from compliance.models import AuditVerification
+
+    run = AuditVerification.objects.get()
+    stale = timezone.now() - timedelta(seconds=2 * dj_settings.AUDIT_VERIFY_INTERVAL + 5)
+    AuditVerification.objects.filter(pk=run.pk).update(finished_at=stale)
+    # then readiness is degraded, naming it
+    body = anon_api.get(READY).json()
+    assert body["status"] == "degraded" and "verification" in body["degraded"]
+    assert body["checks"]["verification"]["detail"].startswith("last verification ")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_broken_chain_degrades_readiness_naming_the_event(anon_api, beating, verify):
+    audit.record_event(action="custom.victim")
+    chain.seal_all_pending()
+    victim = AuditEvent.objects.get(action="custom.victim")
+    bypass_triggers(
+        "UPDATE compliance_auditevent SET action = 'custom.x' WHERE id = %s", [victim.pk]
+    )
+    assert verify()["ok"] is False
+    body = anon_api.get(READY).json()
+    assert body["checks"]["verification"] == {
+        "name": "verification",
+        "ok": False,
+        "state": "degraded",
+        "detail": body["checks"]["verification"]["detail"],
+        "critical": False,
+    }
+    assert body["checks"]["verification"]["detail"].startswith(f"CHAIN BROKEN at event {victim.pk}")
+
+
+def response_ok(body: dict) -> bool:
+    return body["status"] in ("ok", "degraded") and body["failing"] == []
