@@ -1,27 +1,132 @@
-"""Console pieces shared by every area: read-only records and the job mixin."""
+"""Console pieces shared by every area: read-only records, times in UTC, JSON shown formatted,
+status labels, progress bars and the job mixin; on django-unfold's admin classes."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
 from django.contrib import admin, messages
-from django.db.models import QuerySet
-from django.http import HttpRequest
+from django.contrib.admin.utils import flatten_fieldsets
+from django.db.models import Model, QuerySet
+from django.http import Http404, HttpRequest, HttpResponse
+from django.template.loader import render_to_string
 from django.utils.html import format_html
+from django.utils.safestring import SafeString, mark_safe
+from unfold.admin import ModelAdmin
+from unfold.decorators import display
 
 from bridge import jobs
 from bridge.choices import JobStatus
 from bridge.models import Job
 from compliance.audit import AuditContext
 
-_JOB_COLOURS = {
-    JobStatus.PENDING: "#777",
-    JobStatus.RUNNING: "#417690",
-    JobStatus.SUCCEEDED: "#2e9e44",
-    JobStatus.FAILED: "#d1302f",
-    JobStatus.CANCELLED: "#e0a100",
+# unfold's label colours (unfold/helpers/label.html) for each job status.
+JOB_VARIANTS = {
+    JobStatus.PENDING: "",
+    JobStatus.RUNNING: "info",
+    JobStatus.SUCCEEDED: "success",
+    JobStatus.FAILED: "danger",
+    JobStatus.CANCELLED: "warning",
 }
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
+# --- Display helpers ------------------------------------------------------------------------
+
+
+def utc_text(moment: datetime | None) -> str:
+    """Every time in the console: to the second, and saying it is UTC."""
+    if moment is None:
+        return "-"
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def utc_column(field: str, description: str | None = None) -> Callable[[Any, Model], str]:
+    """A list/detail column showing the datetime `field` as `utc_text` (sortable by it).
+
+    Django would format it with the locale's format (no seconds, no zone) in lists and
+    detail pages alike; one helper keeps every Bridge page the same.
+    """
+
+    @admin.display(description=description or field.replace("_", " "), ordering=field)
+    def column(model_admin: Any, obj: Model) -> str:
+        # Never broken over lines: a time split after its date reads as two values.
+        return format_html('<span class="bridge-nowrap">{}</span>', utc_text(getattr(obj, field)))
+
+    column.__name__ = f"{field}_utc"
+    return column
+
+
+def label(text: str, variant: str = "") -> SafeString:
+    """A coloured label in unfold's look: variant success, info, warning, danger or ''."""
+    return mark_safe(  # noqa: S308 (a template with autoescaping renders it)
+        render_to_string("unfold/helpers/label.html", {"text": text, "type": variant})
+    )
+
+
+def pretty_json(value: Any) -> SafeString:
+    """JSON as an indented block (sorted keys) for a detail page."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value or "{}")
+        except ValueError:
+            return format_html('<pre class="bridge-json">{}</pre>', value)
+    text = json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str)
+    return format_html('<pre class="bridge-json">{}</pre>', text)
+
+
+def truncated(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters with an ellipsis; the whole of it in a tooltip."""
+    if not text:
+        return "-"
+    if len(text) <= limit:
+        return format_html('<span class="bridge-nowrap">{}</span>', text)
+    return format_html('<span class="bridge-nowrap" title="{}">{}…</span>', text, text[: limit - 1])
+
+
+def progress(
+    percent: int | None, done: int, total: int | None, *, final: bool = False
+) -> SafeString:
+    """A progress bar in unfold's look, with the percentage written next to it ("…" while
+    the total is unknown, "-" for a run that ended before it knew)."""
+    return mark_safe(  # noqa: S308 (a template with autoescaping renders it)
+        render_to_string(
+            "bridge/progress.html",
+            {
+                "percent": percent,
+                "unknown": "-" if final else "…",
+                "title": f"{done} of {total if total is not None else '?'}",
+            },
+        )
+    )
+
+
+# --- Append-only and read-only records --------------------------------------------------------
+
+
+class AppendOnlyAdmin(ModelAdmin):
+    """Records written once and never changed: no History button and no history page (there
+    is no change to show: such rows are inserted once and never updated)."""
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict | None = None,
+    ) -> HttpResponse:
+        context = {"show_history": False, **(extra_context or {})}
+        return super().change_view(request, object_id, form_url, context)
+
+    def history_view(
+        self, request: HttpRequest, object_id: str, extra_context: dict | None = None
+    ) -> HttpResponse:
+        raise Http404("Append-only records have no change history.")
+
+
+class ReadOnlyAdmin(AppendOnlyAdmin):
     """Append-only records: visible to those allowed to view them, never edited here."""
 
     def has_add_permission(self, request: HttpRequest) -> bool:
@@ -33,32 +138,83 @@ class ReadOnlyAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False
 
+    def get_readonly_fields(self, request: HttpRequest, obj: Model | None = None) -> list:
+        # Display methods in the declared fieldsets must be read-only fields, or the form
+        # factory would look for model fields of those names. (The declared ones, not
+        # get_fieldsets(): without declared fieldsets that builds a form, which asks this.)
+        declared = flatten_fieldsets(self.fieldsets) if self.fieldsets else []
+        return [*super().get_readonly_fields(request, obj), *declared]
+
+
+# --- Jobs -------------------------------------------------------------------------------------
+
 
 class JobAdminMixin:
-    """A job list in the console: coloured status, a progress bar, a cancel action."""
+    """A job list in the console: status label, a progress bar, a cancel action, and a
+    read-only detail page with the parameters and result formatted."""
 
     actions = ["cancel_jobs"]
-    readonly_fields = [field.name for field in Job._meta.fields]
+    list_per_page = 50
+
+    created = utc_column("created_at", "created")
+    started = utc_column("started_at", "started")
+    finished = utc_column("finished_at", "finished")
+    heartbeat = utc_column("heartbeat_at", "last heartbeat")
+
+    fieldsets = (
+        (
+            None,
+            {
+                "fields": (
+                    "id",
+                    "kind_title",
+                    "status_label",
+                    "progress_bar",
+                    "progress_message",
+                    "actor_username",
+                    "cancel_requested",
+                    "error",
+                )
+            },
+        ),
+        ("Times", {"fields": ("created", "started", "finished", "heartbeat", "duration")}),
+        ("Parameters and result", {"fields": ("params_json", "result_json", "task_id")}),
+    )
 
     @admin.display(description="status", ordering="status")
-    def coloured_status(self, job: Job) -> str:
-        colour = _JOB_COLOURS.get(job.status, "#777")
-        return format_html('<b style="color:{}">{}</b>', colour, job.get_status_display())
+    def status_label(self, job: Job) -> str:
+        return label(job.get_status_display(), JOB_VARIANTS.get(job.status, ""))
 
     @admin.display(description="progress")
     def progress_bar(self, job: Job) -> str:
-        percent = job.percent
-        shown = 0 if percent is None else percent
-        label = "…" if percent is None else f"{percent}%"
-        return format_html(
-            '<div class="bridge-progress" title="{} of {}">'
-            '<div class="bridge-progress-fill" style="width:{}%"></div>'
-            "<span>{}</span></div>",
-            job.progress_done,
-            job.progress_total if job.progress_total is not None else "?",
-            shown,
-            label,
-        )
+        return progress(job.percent, job.progress_done, job.progress_total, final=job.is_final)
+
+    @admin.display(description="kind", ordering="kind")
+    def kind_title(self, job: Job) -> str:
+        spec = jobs.kind_of(job)
+        return spec.title if spec else job.kind
+
+    @display(description="kind", ordering="kind", header=True)
+    def kind_and_actor(self, job: Job) -> tuple[str, str]:
+        # Two lines in one column (unfold's header cell): what ran, and for whom.
+        return self.kind_title(job), f"by {job.actor_username or 'the system'}"
+
+    @admin.display(description="duration")
+    def duration(self, job: Job) -> str:
+        seconds = job.duration_seconds
+        return "-" if seconds is None else f"{seconds:.1f} s"
+
+    @admin.display(description="parameters")
+    def params_json(self, job: Job) -> str:
+        return pretty_json(job.params)
+
+    @admin.display(description="result")
+    def result_json(self, job: Job) -> str:
+        return pretty_json(job.result)
+
+    @admin.display(description="error")
+    def error_short(self, job: Job) -> str:
+        return truncated(job.error, 32)
 
     @admin.action(description="Cancel the selected jobs")
     def cancel_jobs(self, request: HttpRequest, queryset: QuerySet[Job]) -> None:
@@ -83,13 +239,12 @@ class JobAdminMixin:
 class JobAdmin(JobAdminMixin, ReadOnlyAdmin):
     list_display = (
         "id",
-        "kind",
-        "coloured_status",
+        "kind_and_actor",
+        "status_label",
         "progress_bar",
-        "actor_username",
-        "created_at",
-        "finished_at",
-        "error",
+        "created",
+        "duration",
+        "error_short",
     )
     list_filter = ("status", "kind")
     date_hierarchy = "created_at"
@@ -102,3 +257,7 @@ class JobAdmin(JobAdminMixin, ReadOnlyAdmin):
 
     def has_module_permission(self, request: HttpRequest) -> bool:
         return self.has_view_permission(request)
+
+
+# Third-party admins (auth groups, axes, django-celery-beat, simplejwt) in the same look.
+from bridge import admin_thirdparty  # noqa: E402, F401

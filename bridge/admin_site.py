@@ -1,18 +1,145 @@
-from django.contrib import admin
+"""The operator console: django-unfold's admin site, with the panel dashboard as its index."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
+from django.urls import reverse
+from unfold.sites import UnfoldAdminSite
 
 
-class BridgeAdminSite(admin.AdminSite):
-    """The operator console: Django's admin with a dashboard as its index page."""
+class BridgeAdminSite(UnfoldAdminSite):
+    """Every area's console pages, and a dashboard built from the panels apps register."""
 
     site_header = "Bridge console"
     site_title = "Bridge"
     index_title = "Dashboard"
 
     def index(self, request: HttpRequest, extra_context: dict | None = None) -> TemplateResponse:
-        from bridge.dashboard import build_dashboard
+        from bridge.panels import build_panels
 
-        context = {"dashboard": build_dashboard()}
+        context = {"panels": build_panels(request)}
         context.update(extra_context or {})
         return super().index(request, context)
+
+
+# --- Sidebar (UNFOLD["SIDEBAR"]["navigation"] names this function) ------------------------
+
+
+def can(*permissions: str) -> Callable[[HttpRequest], bool]:
+    """A sidebar permission check: the user holds at least one of `permissions`."""
+
+    def check(request: HttpRequest) -> bool:
+        return any(request.user.has_perm(permission) for permission in permissions)
+
+    return check
+
+
+def can_see_jobs(request: HttpRequest) -> bool:
+    from bridge import jobs
+
+    return any(request.user.has_perm(kind.permission) for kind in jobs.KINDS.values())
+
+
+def _item(title: str, icon: str, url_name: str, permission: Callable) -> dict[str, Any]:
+    return {"title": title, "icon": icon, "link": reverse(url_name), "permission": permission}
+
+
+def sidebar_navigation(request: HttpRequest) -> list[dict[str, Any]]:
+    """The console's sidebar, one group per area; unfold shows an item only when its
+    `permission` says yes, and hides a group left with no item."""
+    return [
+        {
+            "title": "Overview",
+            "items": [_item("Dashboard", "dashboard", "admin:index", can_see_console)],
+        },
+        {
+            "title": "Compliance",
+            "items": [
+                _item(
+                    "Audit events",
+                    "receipt_long",
+                    "admin:compliance_auditevent_changelist",
+                    can("compliance.view_auditevent"),
+                ),
+                _item(
+                    "Verifications",
+                    "verified",
+                    "admin:compliance_auditverification_changelist",
+                    can("compliance.view_auditverification"),
+                ),
+            ],
+        },
+        {
+            "title": "Security",
+            "items": [
+                _item(
+                    "Sessions",
+                    "key",
+                    "admin:security_tokenfamily_changelist",
+                    can("security.view_tokenfamily"),
+                ),
+                _item(
+                    "Lockouts",
+                    "lock",
+                    "admin:axes_accessattempt_changelist",
+                    can("axes.view_accessattempt"),
+                ),
+                _item(
+                    "Login failures",
+                    "gpp_bad",
+                    "admin:axes_accessfailurelog_changelist",
+                    can("axes.view_accessfailurelog"),
+                ),
+                _item(
+                    "Access log",
+                    "login",
+                    "admin:axes_accesslog_changelist",
+                    can("axes.view_accesslog"),
+                ),
+            ],
+        },
+        {
+            "title": "Recovery & platform",
+            "items": [
+                _item("Jobs", "pending_actions", "admin:bridge_job_changelist", can_see_jobs),
+                _item(
+                    "Periodic tasks",
+                    "schedule",
+                    "admin:django_celery_beat_periodictask_changelist",
+                    can("django_celery_beat.view_periodictask"),
+                ),
+                _item(
+                    "Intervals",
+                    "timer",
+                    "admin:django_celery_beat_intervalschedule_changelist",
+                    can("django_celery_beat.view_intervalschedule"),
+                ),
+                _item(
+                    "Crontabs",
+                    "calendar_month",
+                    "admin:django_celery_beat_crontabschedule_changelist",
+                    can("django_celery_beat.view_crontabschedule"),
+                ),
+            ],
+        },
+        {
+            "title": "Users & groups",
+            "items": [
+                _item(
+                    "Users",
+                    "person",
+                    "admin:security_user_changelist",
+                    can("security.view_user"),
+                ),
+                _item("Groups", "group", "admin:auth_group_changelist", can("auth.view_group")),
+            ],
+        },
+    ]
+
+
+def can_see_console(request: HttpRequest) -> bool:
+    return bool(request.user.is_active and request.user.is_staff)

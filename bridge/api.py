@@ -69,12 +69,58 @@ def audit_context(request: Request | HttpRequest) -> AuditContext:
     return AuditContext.from_request(raw, user=getattr(request, "user", None))
 
 
+class FilterBackend(filters.DjangoFilterBackend):
+    """django-filter, refusing a blank filter parameter instead of ignoring it.
+
+    django-filter reads `?status=` as "no filter", so a value outside the documented enum (or
+    not a date-time) would be answered as if it were valid; a parameter given must hold a
+    value, as the schema says, and leaving it out is how a client says "any".
+    """
+
+    def filter_queryset(self, request: Request, queryset: QuerySet, view: APIView) -> QuerySet:
+        filterset = self.get_filterset(request, queryset, view)
+        if filterset is not None:
+            blank = {
+                name: ["May not be blank: leave the parameter out to not filter by it."]
+                for name in filterset.filters
+                if request.query_params.get(name, None) == ""
+            }
+            if blank:
+                raise serializers.ValidationError(blank)
+        return super().filter_queryset(request, queryset, view)
+
+
 class BridgeViewSet(viewsets.GenericViewSet):
     """Base of every viewset: role permissions, django-filter filtersets, strict paging."""
 
     permission_classes: ClassVar[list] = [RolePermission]
-    filter_backends: ClassVar[list] = [filters.DjangoFilterBackend]
+    filter_backends: ClassVar[list] = [FilterBackend]
     required_permissions: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+
+# --- Request fields ---------------------------------------------------------------------
+
+
+class StrictCharField(serializers.CharField):
+    """A text field that takes a JSON string only.
+
+    DRF's CharField also takes a number and stores its text, so `{"object_type": 5}` would be
+    accepted although the schema (type: string) says it is invalid input.
+    """
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictRegexField(serializers.RegexField):
+    """RegexField taking a JSON string only (see StrictCharField)."""
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
 
 
 # --- Jobs -------------------------------------------------------------------------------

@@ -1,3 +1,5 @@
+import re
+
 from django.core.paginator import InvalidPage
 from django.db.models import QuerySet
 from rest_framework.exceptions import NotFound, ValidationError
@@ -5,13 +7,20 @@ from rest_framework.pagination import PageNumberPagination
 from rest_framework.request import Request
 from rest_framework.views import APIView
 
+# ASCII digits only: int() alone would also take " 7", "1_000" and other scripts' digits.
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
 
 def _positive_int(request: Request, name: str) -> int | None:
     raw = request.query_params.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return None
+    # A blank value is refused like any other non-number: paging is strict, and the schema
+    # promises an integer.
     try:
-        value = int(raw)
+        if not _INTEGER.fullmatch(raw):
+            raise ValueError(raw)
+        value = int(raw)  # ValueError past Python's 4,300-digit limit too
     except ValueError:
         raise ValidationError({name: [f"A whole number is required, not {raw[:40]!r}."]}) from None
     if value < 1:
@@ -60,3 +69,12 @@ class Pagination(PageNumberPagination):
             self.display_page_controls = True
         self.request = request
         return list(self.page)
+
+    def get_schema_operation_parameters(self, view: APIView) -> list[dict]:
+        # The limits enforced above, in the schema too: a value it allows is a value we accept.
+        parameters = super().get_schema_operation_parameters(view)
+        for parameter in parameters:
+            parameter["schema"]["minimum"] = 1
+            if parameter["name"] == self.page_size_query_param:
+                parameter["schema"]["maximum"] = self.max_page_size
+        return parameters

@@ -66,8 +66,9 @@ except ValueError as exc:
     raise ImproperlyConfigured(f"TRUSTED_PROXIES: {exc}") from exc
 
 INSTALLED_APPS = [
-    # unfold's templates must be found before django.contrib.admin's.
-    "unfold",
+    # unfold's templates must be found before django.contrib.admin's. Its basic config: the
+    # default one would replace admin.site with a plain UnfoldAdminSite, not Bridge's console.
+    "unfold.apps.BasicAppConfig",
     "unfold.contrib.filters",
     "bridge.apps.BridgeAdminConfig",
     "bridge.apps.BridgeConfig",
@@ -273,6 +274,12 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    # Every refusal an operation can give is documented (401, 403, 400, 404, 500, 503...),
+    # not only those a view names: the schema fuzz test holds every response to it.
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "bridge.schema.add_error_responses",
+    ],
 }
 
 # --- Audit --------------------------------------------------------------------------------
@@ -393,8 +400,8 @@ CONTENT_SECURITY_POLICY = {
         "default-src": ["'self'"],
         "script-src": ["'self'", "'unsafe-eval'"],
         "style-src": ["'self'", "'unsafe-inline'"],
-        "img-src": ["'self'", "data:"],
-        "font-src": ["'self'", "data:"],
+        "img-src": ["'self'", "data:"],  # Swagger UI's icons are data: SVGs in its CSS
+        "font-src": ["'self'"],
         "connect-src": ["'self'"],
         "object-src": ["'none'"],
         "base-uri": ["'self'"],
@@ -436,3 +443,19 @@ LOGGING = {
 }
 
 BRIDGE_ADMIN_USERNAME = env_str("BRIDGE_ADMIN_USERNAME", "admin")
+
+# --- Console (django-unfold) ---------------------------------------------------------------
+# The sidebar is built per request (bridge.admin_site.sidebar_navigation): one group per area,
+# each link shown only to a user whose permissions allow it. Colours are unfold's defaults.
+UNFOLD = {
+    "SITE_TITLE": "Bridge",
+    "SITE_HEADER": "Bridge console",
+    "SITE_SUBHEADER": "Hardening control plane",
+    "SITE_SYMBOL": "shield_lock",
+    "SHOW_VIEW_ON_SITE": False,
+    "SIDEBAR": {
+        "show_search": True,
+        "show_all_applications": True,
+        "navigation": "bridge.admin_site.sidebar_navigation",
+    },
+}

@@ -1,4 +1,5 @@
 import ipaddress
+from typing import Any
 
 from django.contrib import admin
 from django.core.exceptions import PermissionDenied
@@ -9,14 +10,24 @@ from django.urls import path, reverse
 from django.utils.functional import cached_property
 from django.utils.html import format_html
 from django.views.decorators.http import require_POST
+from unfold.decorators import display
 
-from bridge.admin import JobAdminMixin, ReadOnlyAdmin
+from bridge.admin import (
+    JobAdminMixin,
+    ReadOnlyAdmin,
+    label,
+    pretty_json,
+    truncated,
+    utc_column,
+)
+from bridge.choices import JobStatus
 from compliance import chain, verification
 from compliance.audit import AuditContext
 from compliance.choices import AuditAction, VerificationSource
 from compliance.models import AuditEvent, AuditVerification
 
-_STATUS_COLOURS = {2: "#2e9e44", 3: "#417690", 4: "#e0a100", 5: "#d1302f"}
+# unfold's label colours per status class: 2xx success, 3xx info, 4xx warning, 5xx danger.
+_STATUS_VARIANTS = {2: "success", 3: "info", 4: "warning", 5: "danger"}
 
 
 class ChainHeadPaginator(Paginator):
@@ -88,23 +99,60 @@ class SealedFilter(admin.SimpleListFilter):
         return queryset
 
 
+def _latest_completed_run() -> AuditVerification | None:
+    # A run that failed did not finish checking, so it proves nothing either way.
+    return (
+        AuditVerification.objects.filter(status=JobStatus.SUCCEEDED)
+        .order_by("-finished_at", "-id")
+        .first()
+    )
+
+
+def chain_standing(event: AuditEvent) -> tuple[str, str]:
+    """Where the event stands in the hash chain, in words, with its label colour.
+
+    Verified means sealed and within the part of the chain that the latest completed
+    verification recomputed and found intact (its seq at most that run's checked count).
+    """
+    seq = event.seq
+    if seq is None:
+        return "waiting for seal", ""
+    run = _latest_completed_run()
+    if run is None:
+        return "sealed, not yet covered by a verification", "info"
+    when = f"verification #{run.pk}, {run.finished_at:%Y-%m-%d %H:%M:%S} UTC"
+    if seq <= run.checked:
+        if run.ok:
+            return f"verified ({when})", "success"
+        return (
+            f"verified up to the break ({when} found the chain broken at event "
+            f"#{run.first_broken_id}, after this one)",
+            "warning",
+        )
+    if not run.ok:
+        return f"NOT verified: {when} found the chain broken at event #{run.first_broken_id}", (
+            "danger"
+        )
+    return "sealed, not yet covered by a verification", "info"
+
+
 @admin.register(AuditEvent)
 class AuditEventAdmin(ReadOnlyAdmin):
     list_display = (
         "id",
-        "seq",
-        "occurred_at",
-        "actor_username",
-        "action",
+        "occurred",
+        "actor",
+        "action_name",
         "method",
-        "path",
-        "coloured_status",
-        "latency_ms",
-        "client_ip",
-        "sealed",
+        "short_path",
+        "status",
+        "latency",
+        "ip",
+        "seal_seq",
     )
     list_filter = (ActionFilter, StatusClassFilter, SealedFilter)
-    # Exact, case-sensitive matches on indexed columns (see get_search_results).
+    # Exact, case-sensitive matches on indexed columns (see get_search_results); the request
+    # id is searchable though not a column (a 32-character column would not fit).
     search_fields = ("actor_username", "request_id", "client_ip")
     search_help_text = "Exact username, request id or client IP."
     list_select_related = ("seal",)
@@ -112,7 +160,39 @@ class AuditEventAdmin(ReadOnlyAdmin):
     paginator = ChainHeadPaginator
     list_per_page = 50
     ordering = ("-id",)
-    readonly_fields = [field.name for field in AuditEvent._meta.fields]
+    fieldsets = (
+        (
+            "Event",
+            {
+                "fields": (
+                    "id",
+                    "occurred",
+                    "action",
+                    "actor_username",
+                    "actor_id",
+                    "object_type",
+                    "object_id",
+                )
+            },
+        ),
+        (
+            "Request",
+            {
+                "fields": (
+                    "method",
+                    "path",
+                    "status_code",
+                    "latency_ms",
+                    "client_ip",
+                    "request_id",
+                )
+            },
+        ),
+        ("Details", {"fields": ("details_json",)}),
+        ("Hash chain", {"fields": ("chain_seq", "chain_hash", "chain_prev_hash", "verified")}),
+    )
+
+    occurred = utc_column("occurred_at", "time")
 
     def get_paginator(
         self,
@@ -148,41 +228,138 @@ class AuditEventAdmin(ReadOnlyAdmin):
             pass
         return queryset.filter(match), False
 
+    @admin.display(description="actor", ordering="actor_username")
+    def actor(self, event: AuditEvent) -> str:
+        return truncated(event.actor_username, 16) if event.actor_username else "-"
+
+    @admin.display(description="action", ordering="action")
+    def action_name(self, event: AuditEvent) -> str:
+        return truncated(event.action, 26)
+
+    @admin.display(description="path", ordering="path")
+    def short_path(self, event: AuditEvent) -> str:
+        return truncated(event.path, 24)
+
     @admin.display(description="status", ordering="status_code")
-    def coloured_status(self, event: AuditEvent) -> str:
+    def status(self, event: AuditEvent) -> str:
         if event.status_code is None:
             return "-"
-        colour = _STATUS_COLOURS.get(event.status_code // 100, "#777")
-        return format_html('<b style="color:{}">{}</b>', colour, event.status_code)
+        return label(str(event.status_code), _STATUS_VARIANTS.get(event.status_code // 100, ""))
 
-    @admin.display(boolean=True)
-    def sealed(self, event: AuditEvent) -> bool:
-        return event.is_sealed
+    @admin.display(description="latency", ordering="latency_ms")
+    def latency(self, event: AuditEvent) -> str:
+        if event.latency_ms is None:
+            return "-"
+        # Whole milliseconds: the decimals the column stores are noise at a glance.
+        return f"{event.latency_ms:.0f} ms" if event.latency_ms >= 1 else "<1 ms"
+
+    @admin.display(description="client IP", ordering="client_ip")
+    def ip(self, event: AuditEvent) -> str:
+        return truncated(event.client_ip or "", 15) if event.client_ip else "-"
+
+    @admin.display(description="seq")
+    def seal_seq(self, event: AuditEvent) -> str:
+        seq = event.seq
+        if seq is None:
+            return label("waiting")
+        return label(str(seq), "success")
+
+    @admin.display(description="seq")
+    def chain_seq(self, event: AuditEvent) -> str:
+        seq = event.seq
+        if seq is None:
+            return "-"
+        return format_html('<span class="bridge-hash" data-field="seq">{}</span>', seq)
+
+    @admin.display(description="hash")
+    def chain_hash(self, event: AuditEvent) -> str:
+        return format_html(
+            '<code class="bridge-hash" data-field="hash">{}</code>', event.hash or "-"
+        )
+
+    @admin.display(description="previous hash")
+    def chain_prev_hash(self, event: AuditEvent) -> str:
+        return format_html(
+            '<code class="bridge-hash" data-field="prev_hash">{}</code>', event.prev_hash or "-"
+        )
+
+    @admin.display(description="verified")
+    def verified(self, event: AuditEvent) -> str:
+        text, variant = chain_standing(event)
+        return format_html('<span data-field="verified">{}</span>', label(text, variant))
+
+    @admin.display(description="details")
+    def details_json(self, event: AuditEvent) -> str:
+        return pretty_json(event.details)
 
 
 @admin.register(AuditVerification)
 class AuditVerificationAdmin(JobAdminMixin, ReadOnlyAdmin):
     list_display = (
         "id",
-        "created_at",
+        "created",
         "outcome",
         "progress_bar",
-        "source",
-        "actor_username",
+        "source_and_actor",
         "checked",
         "unsealed",
-        "first_broken_id",
-        "reason",
+        "short_reason",
     )
     list_filter = ("status",)
     change_list_template = "admin/compliance/auditverification/change_list.html"
+    fieldsets = (
+        (
+            None,
+            {
+                "fields": (
+                    "id",
+                    "outcome",
+                    "progress_bar",
+                    "progress_message",
+                    "source",
+                    "actor_username",
+                    "checked",
+                    "unsealed",
+                    "first_broken_id",
+                    "reason",
+                    "cancel_requested",
+                )
+            },
+        ),
+        ("Times", {"fields": ("created", "started", "finished", "heartbeat", "duration")}),
+        ("Parameters and result", {"fields": ("params_json", "result_json", "task_id")}),
+    )
 
     @admin.display(description="outcome", ordering="status")
     def outcome(self, run: AuditVerification) -> str:
         if run.ok is None:
-            return self.coloured_status(run)
-        colour, text = ("#2e9e44", "intact") if run.ok else ("#d1302f", "BROKEN")
-        return format_html('<b style="color:{}">{}</b>', colour, text)
+            return self.status_label(run)
+        if run.ok:
+            return label("intact", "success")
+        where = f" at #{run.first_broken_id}" if run.first_broken_id else ""
+        return label(f"BROKEN{where}", "danger")
+
+    @display(description="source", header=True)
+    def source_and_actor(self, run: AuditVerification) -> tuple[str, str]:
+        source = dict(VerificationSource.choices).get(run.source, run.source or "-")
+        return source, f"by {run.actor_username or 'the system'}"
+
+    @admin.display(description="reason")
+    def short_reason(self, run: AuditVerification) -> str:
+        return truncated(run.reason, 32)
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict | None = None) -> Any:
+        # While a run is going, the page reloads itself (a <meta> refresh: no script) so its
+        # progress bar moves without anyone pressing F5.
+        running = AuditVerification.objects.filter(
+            status__in=(JobStatus.PENDING, JobStatus.RUNNING)
+        ).exists()
+        context = {
+            "verification_running": running,
+            "can_verify": request.user.has_perm("compliance.verify_chain"),
+            **(extra_context or {}),
+        }
+        return super().changelist_view(request, context)
 
     def get_urls(self) -> list:
         verify = self.admin_site.admin_view(require_POST(self.verify_view))

@@ -2,19 +2,38 @@ from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin
 from django.db.models import QuerySet
 from django.http import HttpRequest
-from django.utils.html import format_html
+from unfold.admin import ModelAdmin
+from unfold.forms import AdminPasswordChangeForm, UserChangeForm, UserCreationForm
 
+from bridge.admin import AppendOnlyAdmin, label, utc_column
 from security import services
 from security.models import TokenFamily, User
 
 
 @admin.register(User)
-class BridgeUserAdmin(UserAdmin):
-    list_display = ("username", "email", "is_active", "is_superuser", "roles", "last_login")
+class BridgeUserAdmin(UserAdmin, ModelAdmin):
+    # Django's UserAdmin (fieldsets, password views) first, unfold's ModelAdmin second, with
+    # unfold's versions of the user forms so the password pages look like the rest.
+    form = UserChangeForm
+    add_form = UserCreationForm
+    change_password_form = AdminPasswordChangeForm
+    list_display = ("username", "email", "is_active", "is_superuser", "roles", "last_login_utc")
     list_filter = ("is_active", "is_superuser", "groups")
-    fieldsets = (*UserAdmin.fieldsets, ("Tokens", {"fields": ("token_version",)}))
-    readonly_fields = ("token_version", "last_login", "date_joined")
+    fieldsets = (
+        (None, {"fields": ("username", "password")}),
+        ("Personal info", {"fields": ("first_name", "last_name", "email")}),
+        (
+            "Permissions",
+            {"fields": ("is_active", "is_staff", "is_superuser", "groups", "user_permissions")},
+        ),
+        ("Important dates", {"fields": ("last_login_utc", "date_joined_utc")}),
+        ("Tokens", {"fields": ("token_version",)}),
+    )
+    readonly_fields = ("token_version", "last_login_utc", "date_joined_utc")
     actions = ["log_out_everywhere"]
+
+    last_login_utc = utc_column("last_login", "last login")
+    date_joined_utc = utc_column("date_joined", "date joined")
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[User]:
         return super().get_queryset(request).prefetch_related("groups")
@@ -31,21 +50,37 @@ class BridgeUserAdmin(UserAdmin):
 
 
 @admin.register(TokenFamily)
-class TokenFamilyAdmin(admin.ModelAdmin):
+class TokenFamilyAdmin(AppendOnlyAdmin):
     list_display = (
-        "id",
+        "short_id",
         "user",
-        "created_at",
-        "last_refreshed_at",
+        "created",
+        "last_refreshed",
         "refresh_count",
-        "client_ip",
+        "ip",
         "state",
     )
+    list_display_links = ("short_id",)
     list_filter = ("revoked_reason",)
     list_select_related = ("user",)
     search_fields = ("=user__username", "=client_ip")
     date_hierarchy = "created_at"
-    readonly_fields = [field.name for field in TokenFamily._meta.fields]
+    fields = (
+        "id",
+        "user",
+        "state",
+        "created",
+        "last_refreshed",
+        "revoked",
+        "refresh_count",
+        "client_ip",
+    )
+    readonly_fields = fields
+    actions = ["revoke"]
+
+    created = utc_column("created_at", "created")
+    last_refreshed = utc_column("last_refreshed_at", "last refreshed")
+    revoked = utc_column("revoked_at", "revoked")
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -53,13 +88,20 @@ class TokenFamilyAdmin(admin.ModelAdmin):
     def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
         return False
 
+    @admin.display(description="family", ordering="id")
+    def short_id(self, family: TokenFamily) -> str:
+        # The first block of the UUID is enough to tell families apart on one screen.
+        return str(family.id).split("-")[0]
+
+    @admin.display(description="client IP", ordering="client_ip")
+    def ip(self, family: TokenFamily) -> str:
+        return family.client_ip or "-"
+
     @admin.display(description="state")
     def state(self, family: TokenFamily) -> str:
         if family.revoked_at is None:
-            return format_html('<b style="color:#2e9e44">active</b>')
-        return format_html(
-            '<b style="color:#d1302f">revoked</b> ({})', family.get_revoked_reason_display()
-        )
+            return label("active", "success")
+        return label(f"revoked: {family.get_revoked_reason_display()}", "danger")
 
     def get_actions(self, request: HttpRequest) -> dict:
         actions = super().get_actions(request)
@@ -70,5 +112,3 @@ class TokenFamilyAdmin(admin.ModelAdmin):
     def revoke(self, request: HttpRequest, queryset: QuerySet[TokenFamily]) -> None:
         count = services.revoke_sessions(request=request, families=queryset)
         self.message_user(request, f"Revoked {count} session(s).", level=messages.WARNING)
-
-    actions = ["revoke"]

@@ -280,7 +280,7 @@ def gunicorn_server(django_db_setup, django_db_blocker) -> Iterator[str]:
         try:
             urllib.request.urlopen(f"{url}/health/live", timeout=1)
             break
-        except (urllib.error.URLError, ConnectionError):
+        except OSError:  # URLError, a refused connection, a socket timeout under load
             time.sleep(0.2)
     else:
         process.kill()

@@ -7,6 +7,7 @@ import json
 import pytest
 from django.core.management import call_command
 from drf_spectacular.drainage import reset_generator_stats
+from jsonschema import Draft7Validator
 from rest_framework.test import APIClient
 
 SCHEMA = "/api/schema/"
@@ -154,3 +155,95 @@ def test_spectacular_validates_the_schema_without_warnings(tmp_path, capsys):
         reset_generator_stats()
     # then
     assert target.read_text().startswith("openapi: 3.")
+
+
+# --- Refusals: documented where they can occur, and shaped as documented --------------------
+
+
+def _documented(schema: dict, path: str, method: str) -> dict:
+    return schema["paths"][path][method]["responses"]
+
+
+@pytest.mark.django_db
+def test_every_operation_documents_the_refusals_it_can_give(schema):
+    # drf-spectacular documents what a view declares; bridge.schema adds what the layers
+    # around it answer (authentication, permissions, validation, routing, paging, the trail)
+    for path, method, operation in _operations(schema):
+        responses = set(operation["responses"])
+        parameters = operation.get("parameters", [])
+        label = f"{method.upper()} {path}"
+        assert {"500", "503"} <= responses, label
+        if path not in PUBLIC_OPERATIONS:
+            assert {"401", "403"} <= responses, label
+        if "requestBody" in operation or any(p["in"] == "query" for p in parameters):
+            assert "400" in responses, label
+        if any(p["in"] == "path" for p in parameters) or any(
+            p["name"] == "page" for p in parameters
+        ):
+            assert "404" in responses, label
+        for code in responses - {"200", "201", "202"}:
+            assert operation["responses"][code]["content"]["application/json"]["schema"], (
+                f"{label} {code} has no JSON schema"
+            )
+
+
+@pytest.mark.django_db
+def test_the_login_lockout_documents_when_to_come_back(schema):
+    locked = _documented(schema, "/api/security/auth/login", "post")["429"]
+    assert locked["headers"]["Retry-After"]["required"] is True
+    assert locked["headers"]["Retry-After"]["schema"]["type"] == "integer"
+
+
+@pytest.mark.django_db
+def test_paging_and_filter_parameters_carry_the_limits_bridge_enforces(schema):
+    parameters = {
+        p["name"]: p["schema"]
+        for p in schema["paths"]["/api/compliance/audit/events"]["get"]["parameters"]
+    }
+    assert parameters["page"]["minimum"] == 1
+    assert (parameters["page_size"]["minimum"], parameters["page_size"]["maximum"]) == (1, 500)
+    assert (parameters["actor"]["minLength"], parameters["actor"]["maxLength"]) == (1, 150)
+    assert (parameters["action"]["minLength"], parameters["action"]["maxLength"]) == (1, 64)
+    assert parameters["from"]["format"] == "date-time"
+
+
+@pytest.fixture
+def refusals(anon_api, outsider_api, compliance_api) -> dict:
+    return {"anonymous": anon_api, "outsider": outsider_api, "compliance": compliance_api}
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("who", "method", "path", "template", "data", "status"),
+    [
+        ("anonymous", "get", "/api/jobs", "/api/jobs", None, 401),
+        ("outsider", "get", "/api/compliance/audit/events", None, None, 403),
+        ("compliance", "get", "/api/compliance/audit/events", None, {"page": "0"}, 400),
+        ("compliance", "get", "/api/compliance/audit/events", None, {"page": "999"}, 404),
+        ("compliance", "get", "/api/jobs/999999", "/api/jobs/{id}", None, 404),
+        ("compliance", "get", "/api/compliance/audit/verify", None, None, 404),
+        ("anonymous", "post", "/api/security/auth/login", None, {"username": "x"}, 400),
+        ("anonymous", "post", "/api/security/auth/login", None, "{not json", 400),
+        ("anonymous", "post", "/api/security/auth/refresh", None, {"refresh": "x.y.z"}, 401),
+    ],
+)
+def test_refusals_match_the_schemas_documented_for_them(
+    schema, refusals, who, method, path, template, data, status
+):
+    # given
+    client = refusals[who]
+    # when
+    if data == "{not json":
+        response = client.post(path, data, content_type="application/json")
+    elif method == "get":
+        response = client.get(path, data or {})
+    else:
+        response = client.post(path, data, format="json")
+    # then: the status is documented for the operation, and the body matches its schema
+    assert response.status_code == status, response.content
+    documented = _documented(schema, template or path, method)[str(status)]
+    body_schema = documented["content"]["application/json"]["schema"]
+    # $refs point into the document's components: validate against a root that has them
+    validator = Draft7Validator({**body_schema, "components": schema["components"]})
+    errors = [error.message for error in validator.iter_errors(response.json())]
+    assert errors == [], f"{response.json()} does not match {body_schema}"

@@ -3,6 +3,7 @@ from datetime import UTC, datetime
 from django.utils import timezone
 from rest_framework import serializers
 
+from bridge.api import StrictCharField, StrictRegexField
 from compliance.models import AuditEvent, AuditVerification
 
 
@@ -70,13 +71,13 @@ def _iso(moment: datetime) -> str:
 
 
 class AuditLogRequestSerializer(serializers.Serializer):
-    action = serializers.RegexField(
+    action = StrictRegexField(
         r"^[a-z0-9][a-z0-9_.-]{0,49}$",
         help_text="Name of the event; stored as custom.<action>.",
         error_messages={"invalid": "Use 1-50 lowercase letters, digits, '.', '_' or '-'."},
     )
-    object_type = serializers.CharField(max_length=100, required=False, default="")
-    object_id = serializers.CharField(max_length=100, required=False, default="")
+    object_type = StrictCharField(max_length=100, required=False, default="")
+    object_id = StrictCharField(max_length=100, required=False, default="")
     details = serializers.DictField(required=False, default=dict)
 
 

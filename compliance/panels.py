@@ -1,0 +1,132 @@
+"""The compliance area's dashboard panel: the audit trail and its hash chain at a glance."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.conf import settings
+from django.db.models import Count
+from django.db.models.functions import TruncHour
+from django.http import HttpRequest
+from django.urls import reverse
+from django.utils import timezone
+
+from bridge.choices import JobStatus
+from bridge.panels import Bar, Chart, Figure, Link, PanelContent, age, register_panel, utc, worst
+from compliance.chain import chain_head, total_event_count
+from compliance.models import AuditEvent
+from compliance.verification import latest_verification
+
+
+def hourly_bars(hours: int = 24) -> list[Bar]:
+    """Events per hour over the last `hours` hours, the current hour last; empty hours are 0."""
+    now = timezone.now().replace(minute=0, second=0, microsecond=0)
+    start = now - timedelta(hours=hours - 1)
+    counts = {
+        row["hour"]: row["n"]
+        for row in AuditEvent.objects.filter(occurred_at__gte=start)
+        .annotate(hour=TruncHour("occurred_at"))
+        .values("hour")
+        .annotate(n=Count("id"))
+    }
+    moments = [start + timedelta(hours=i) for i in range(hours)]
+    return [Bar(moment.strftime("%H:00"), counts.get(moment, 0)) for moment in moments]
+
+
+def _oldest_unsealed_age(last_sealed_id: int) -> timedelta | None:
+    # Events above the head's last sealed id are a primary-key range: one index lookup.
+    oldest = (
+        AuditEvent.objects.filter(id__gt=last_sealed_id)
+        .order_by("id")
+        .values_list("occurred_at", flat=True)
+        .first()
+    )
+    return None if oldest is None else max(timedelta(0), timezone.now() - oldest)
+
+
+def _unsealed_limit() -> timedelta:
+    # The readiness probe's rule: the sealer is behind once the oldest unsealed event is older
+    # than AUDIT_UNSEALED_MAX_AGE (and never less than three sealer intervals).
+    configured = getattr(settings, "AUDIT_UNSEALED_MAX_AGE", timedelta(seconds=60))
+    return max(configured, timedelta(seconds=3 * settings.AUDIT_SEAL_INTERVAL))
+
+
+@register_panel(
+    "compliance",
+    title="Compliance · audit trail",
+    permissions=("compliance.view_auditevent",),
+    order=10,
+)
+def audit_panel(request: HttpRequest) -> PanelContent:
+    head = chain_head()
+    total = total_event_count()
+    sealed = head.last_seq if head else 0
+    waiting = max(0, total - sealed)
+    oldest = _oldest_unsealed_age((head.last_event_id or 0) if head else 0)
+    behind = oldest is not None and oldest > _unsealed_limit()
+
+    run = latest_verification()
+    if run is None:
+        outcome, outcome_state, hint = "never", "warn", "no verification has finished yet"
+    else:
+        if run.status == JobStatus.FAILED:
+            outcome, outcome_state = "did not finish", "warn"
+        elif run.ok:
+            outcome, outcome_state = "intact", "ok"
+        else:
+            outcome, outcome_state = "BROKEN", "bad"
+        run_age = timezone.now() - run.finished_at if run.finished_at else None
+        if (
+            outcome_state == "ok"
+            and run_age
+            and run_age.total_seconds() > 2 * (settings.AUDIT_VERIFY_INTERVAL)
+        ):
+            outcome_state = "warn"  # intact, but nobody has looked for a while
+        hint = f"{utc(run.finished_at)}, {age(run_age)} ago, {run.checked} checked"
+        if run.first_broken_id:
+            hint += f", first broken event #{run.first_broken_id}"
+
+    state = worst(outcome_state, "warn" if behind else "ok")
+    badge = {"ok": "chain intact", "bad": "CHAIN BROKEN"}.get(outcome_state, "not verified")
+    if outcome_state == "warn" and run is not None and outcome == "intact":
+        badge = "verification overdue"
+    chart = Chart("Events per hour, last 24 h (UTC)", hourly_bars())
+    return PanelContent(
+        state=state,
+        badge=badge,
+        figures=[
+            Figure("events", total),
+            Figure("sealed", sealed, state="ok" if sealed == total else ""),
+            Figure("waiting for seal", waiting, state="warn" if behind else ""),
+            Figure(
+                "oldest unsealed",
+                age(oldest) if oldest is not None else "none",
+                state="warn" if behind else "ok",
+                hint="the sealer is behind" if behind else "",
+            ),
+            Figure(
+                "last verification",
+                outcome,
+                state=outcome_state,
+                hint=hint,
+                permission="compliance.view_auditverification",
+            ),
+        ],
+        chart=chart,
+        links=[
+            Link(
+                "Browse events",
+                reverse("admin:compliance_auditevent_changelist"),
+                permission="compliance.view_auditevent",
+            ),
+            Link(
+                "Verifications",
+                reverse("admin:compliance_auditverification_changelist"),
+                permission="compliance.view_auditverification",
+            ),
+        ],
+        note=""
+        if settings.ENABLE_AUDIT_LOGGING
+        else "Request logging is off (ENABLE_AUDIT_LOGGING): only logins, token events and "
+        "admin changes are recorded.",
+    )
