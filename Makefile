@@ -37,4 +37,4 @@ bench: install
 	$(BIN)/python bench/audit_overhead.py
 
 clean:
-	rm -rf var/static var/test_bridge.sqlite3
+	rm -rf var/static var/test_bridge_*.sqlite3* var/screenshots

@@ -62,7 +62,7 @@ COMPONENTS: dict[str, dict[str, Any]] = {
             "code": {"type": "string"},
             "request_id": {"type": "string"},
         },
-        "required": ["detail"],
+        "required": ["detail", "code", "request_id"],
     },
 }
 

@@ -130,6 +130,7 @@ class AuditMiddleware:
                 response = JsonResponse(
                     {
                         "detail": "The audit trail is unavailable; the request was not recorded.",
+                        "code": "audit_unavailable",
                         "request_id": request.request_id,
                     },
                     status=503,

@@ -254,7 +254,9 @@ def gunicorn_server(django_db_setup, django_db_blocker) -> Iterator[str]:
         if connection.vendor != "postgresql":
             yield ""
             return
-        env = process_env()
+        # Fuzzing sends thousands of refused requests: Django's one warning line per 4xx would
+        # bury a CI log. Errors still show.
+        env = process_env(LOG_LEVEL="ERROR")
     port = free_port()
     process = subprocess.Popen(
         [
@@ -293,6 +295,18 @@ def gunicorn_server(django_db_setup, django_db_blocker) -> Iterator[str]:
 @pytest.fixture
 def server(postgres, gunicorn_server, transactional_db) -> str:
     return gunicorn_server
+
+
+@pytest.fixture
+def hung_port() -> Iterator[int]:
+    """A TCP port that accepts connections (the kernel's backlog does) and never answers: a
+    hung database, cache or broker. Closing it resets the waiting connections, which ends the
+    probe threads stuck on it."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    yield listener.getsockname()[1]
+    listener.close()
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -333,16 +332,6 @@ def test_the_access_log_leaves_out_static_files_served_but_keeps_everything_else
 
 
 # --- Probes while the database hangs ------------------------------------------------------
-
-
-@pytest.fixture
-def hung_port() -> Iterator[int]:
-    """A TCP port that accepts connections (into the kernel's backlog) and never answers."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(64)
-    yield listener.getsockname()[1]
-    listener.close()
 
 
 @pytest.mark.servers

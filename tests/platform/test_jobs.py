@@ -203,6 +203,8 @@ def test_a_job_the_broker_refuses_is_failed_loudly(monkeypatch, django_capture_o
     # given a broker that is not there (a closed port), published for real
     monkeypatch.setitem(app.conf, "task_always_eager", False)
     monkeypatch.setitem(app.conf, "broker_url", "redis://127.0.0.1:1/0")
+    # Celery reads the environment variable before its own setting.
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://127.0.0.1:1/0")
     monkeypatch.setitem(app.conf, "task_publish_retry", False)
     monkeypatch.setitem(app.conf, "broker_connection_timeout", 1)
     _fresh_broker_pool(app)

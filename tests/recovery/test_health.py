@@ -3,7 +3,6 @@ hangs, naming what fails without hosts, ports or credentials."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -51,17 +50,6 @@ def beating() -> None:
     """Worker and beat alive, as their signal handlers report it."""
     health.record_heartbeat("worker")
     health.record_heartbeat("beat")
-
-
-@pytest.fixture
-def hung_port() -> Iterator[int]:
-    """A TCP port that accepts connections (the kernel's backlog does) and never answers.
-    Closing it resets the waiting connections, which ends the probe threads stuck on it."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(64)
-    yield listener.getsockname()[1]
-    listener.close()
 
 
 @pytest.mark.django_db
