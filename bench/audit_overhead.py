@@ -179,7 +179,7 @@ def main() -> None:
     from django.db import connection
     from rest_framework_simplejwt.tokens import RefreshToken
 
-    from compliance.audit import record_event
+    from compliance.audit import AuditContext, record_event
     from compliance.chain import seal_all_pending
     from compliance.models import AuditEvent
     from compliance.verification import check_chain
@@ -192,8 +192,9 @@ def main() -> None:
     refresh = RefreshToken.for_user(user)
     refresh["fam"], refresh["ver"] = str(family.pk), user.token_version
     token = str(refresh.access_token)
+    seeder = AuditContext().with_actor(user)
     for n in range(args.seed_events):
-        record_event(action="custom.seed", actor=user, details={"n": n})
+        record_event(action="custom.seed", context=seeder, details={"n": n})
     seal_all_pending()
     with connection.cursor() as cursor:
         # Steady state, as autovacuum leaves it: fresh statistics, no dead row versions.

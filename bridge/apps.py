@@ -15,4 +15,6 @@ class BridgeConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from bridge import roles  # noqa: F401  (connects the post_migrate role sync)
+        from bridge import permission_cache, roles  # noqa: F401  (roles: the post_migrate sync)
+
+        permission_cache.connect_invalidation()

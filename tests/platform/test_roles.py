@@ -10,7 +10,7 @@ from django.test import Client
 from bridge import roles
 from bridge.roles import ROLE_PERMISSIONS, Role
 from security.models import User
-from tests.conftest import client_for, make_user
+from tests.conftest import PASSWORD, client_for, make_user
 
 EVENTS = "/api/compliance/audit/events"
 
@@ -100,3 +100,52 @@ def test_custom_events_may_be_logged_by_every_role_and_nobody_else(
     for api in (operator_api, client_for(security_officer), compliance_api):
         assert api.post("/api/compliance/audit/log", payload, format="json").status_code == 201
     assert outsider_api.post("/api/compliance/audit/log", payload, format="json").status_code == 403
+
+
+def _auth_queries(captured) -> int:
+    return sum("auth_permission" in query["sql"] for query in captured.captured_queries)
+
+
+@pytest.mark.django_db
+def test_permission_sets_are_cached_so_a_request_asks_the_database_nothing_about_them(
+    compliance_api,
+):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    compliance_api.get(EVENTS)  # fills the cache
+    with CaptureQueriesContext(connection) as captured:
+        assert compliance_api.get(EVENTS).status_code == 200
+    assert _auth_queries(captured) == 0
+
+
+@pytest.mark.django_db
+def test_a_role_granted_or_taken_counts_on_the_very_next_request(
+    operator, operator_api, django_capture_on_commit_callbacks
+):
+    # given an operator refused the audit trail, with the refusal cached
+    assert operator_api.get(EVENTS).status_code == 403
+    # when the compliance role is granted (the test's transaction commits nothing, so the
+    # commit callbacks are run by hand)
+    with django_capture_on_commit_callbacks(execute=True):
+        operator.groups.add(Group.objects.get(name=Role.COMPLIANCE_OFFICER))
+    assert operator_api.get(EVENTS).status_code == 200
+    # and when the role loses that permission
+    with django_capture_on_commit_callbacks(execute=True):
+        Group.objects.get(name=Role.COMPLIANCE_OFFICER).permissions.remove(
+            Permission.objects.get(codename="view_auditevent")
+        )
+    assert operator_api.get(EVENTS).status_code == 403
+
+
+@pytest.mark.django_db
+def test_a_cached_set_is_never_used_for_another_user_row_with_the_same_id():
+    # given a compliance officer whose permissions are cached, then deleted (the cascade to
+    # its group rows sends no m2m signal), and a user without a role created under the same id
+    officer = make_user("first", Role.COMPLIANCE_OFFICER)
+    assert client_for(officer).get(EVENTS).status_code == 200
+    pk = officer.pk
+    officer.delete()
+    stranger = User.objects.create_user(pk=pk, username="second", password=PASSWORD)
+    # then the stranger does not inherit the cached set
+    assert client_for(stranger).get(EVENTS).status_code == 403
