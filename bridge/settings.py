@@ -440,6 +440,8 @@ LOGGING = {
         "celery.app.trace": {"level": "WARNING"},
         "celery.worker.strategy": {"level": "WARNING"},
         "celery.beat": {"level": "WARNING"},
+        # "No hostname was supplied" for the embedded filesystem broker, which has none.
+        "kombu.connection": {"level": "ERROR"},
     },
 }
 
