@@ -106,6 +106,24 @@ def progress(
 # --- Append-only and read-only records --------------------------------------------------------
 
 
+class GuardedActionsMixin:
+    """Actions that declare no permission need the change permission.
+
+    Django offers such an action to anyone who may view the list: a view-only role could then
+    disable beat's tasks (the audit sealer among them) from the periodic-task list.
+    """
+
+    def get_actions(self, request: HttpRequest) -> dict:
+        actions = super().get_actions(request)
+        if self.has_change_permission(request):
+            return actions
+        return {
+            name: action
+            for name, action in actions.items()
+            if getattr(action[0], "allowed_permissions", None)
+        }
+
+
 class AppendOnlyAdmin(ModelAdmin):
     """Records written once and never changed: no History button and no history page (there
     is no change to show: such rows are inserted once and never updated)."""

@@ -27,7 +27,7 @@ from rest_framework_simplejwt.token_blacklist.models import BlacklistedToken, Ou
 from unfold.admin import ModelAdmin, TabularInline
 from unfold.widgets import UnfoldAdminSelectWidget, UnfoldAdminTextInputWidget
 
-from bridge.admin import AppendOnlyAdmin, utc_column
+from bridge.admin import AppendOnlyAdmin, GuardedActionsMixin, utc_column
 
 for model in (
     Group,
@@ -114,7 +114,7 @@ class PeriodicTaskForm(beat_admin.PeriodicTaskForm):
 
 
 @admin.register(PeriodicTask)
-class PeriodicTaskAdmin(beat_admin.PeriodicTaskAdmin, ModelAdmin):
+class PeriodicTaskAdmin(GuardedActionsMixin, beat_admin.PeriodicTaskAdmin, ModelAdmin):
     form = PeriodicTaskForm
     # beat's own template adds an inline <script> (crontab help text), which the
     # Content-Security-Policy refuses; the read-only "crontab translation" field says the same.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -31,6 +32,7 @@ from bridge.choices import JobStatus
 from bridge.models import Job
 from compliance.audit import AuditContext, record_event
 from compliance.choices import AuditAction
+from compliance.redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +49,13 @@ class JobError(Exception):
         self.code = code
 
 
-class JobCancelled(Exception):
+# BaseException, like asyncio.CancelledError: a job's own `except Exception` around an item
+# must not swallow the order to stop.
+class JobCancelled(BaseException):
     """Raised inside a job by `Progress.update` once someone asked for it to be cancelled."""
 
 
-class JobLost(Exception):
+class JobLost(BaseException):
     """The row left `running` under the worker's feet (the reaper failed it): stop working."""
 
 
@@ -173,7 +177,9 @@ def start_job(
             kind=kind,
             actor_id=context.actor_id,
             actor_username=context.actor_username,
-            params=params or {},
+            # Stored and served by the API: redacted like audit details (a target URL with
+            # its password, a token passed by mistake).
+            params=redact(params or {}),
         )
         record_event(
             action=AuditAction.JOB_REQUESTED,
@@ -192,10 +198,23 @@ def _enqueue(job: Job, spec: JobKind) -> None:
         result = spec.task.apply_async(args=[job.pk])
     except Exception as exc:
         # The broker refused it: say so on the row at once rather than leave it pending.
-        log.exception("job %s (%s) could not be queued", job.pk, job.kind)
+        _log_failure(job, "could not be queued", exc)
         _finish(job, JobStatus.FAILED, error=f"could not be queued: {type(exc).__name__}")
         return
     Job.objects.filter(pk=job.pk, task_id="").update(task_id=(result.id or "")[:64])
+
+
+def _log_failure(job: Job, what: str, exc: BaseException) -> str:
+    """Log a failure loudly with its stack, and return its text, both with secrets masked.
+
+    An exception's text can carry what it failed on (a connection URL with its password, a
+    command line): the message is redacted, and the traceback is logged as frames only, since
+    its last line would repeat the unredacted message.
+    """
+    error = redact(f"{type(exc).__name__}: {exc}")
+    frames = "".join(traceback.format_tb(exc.__traceback__))
+    log.error("job %s (%s) %s: %s\n%s", job.pk, job.kind, what, error, frames)
+    return error
 
 
 def run_job(
@@ -226,8 +245,8 @@ def run_job(
         log.warning("job %s was taken from this worker (reaped); stopped", job_id)
         return None
     except Exception as exc:
-        log.exception("job %s (%s) failed", job.pk, job.kind)
-        _finish(job, JobStatus.FAILED, error=f"{type(exc).__name__}: {exc}"[:2000])
+        error = _log_failure(job, "failed", exc)
+        _finish(job, JobStatus.FAILED, error=error[:2000])
     else:
         _finish(job, JobStatus.SUCCEEDED, result=result)
     job.refresh_from_db()
@@ -248,6 +267,7 @@ def _finish(
     result: dict | None = None,
     error: str = "",
     expected: tuple[JobStatus, ...] = (JobStatus.RUNNING, JobStatus.PENDING),
+    only_if: dict[str, Any] | None = None,
 ) -> bool:
     with transaction.atomic():
         changes: dict[str, Any] = {"status": status, "finished_at": timezone.now(), "error": error}
@@ -255,7 +275,9 @@ def _finish(
             changes["result"] = result
         if status == JobStatus.SUCCEEDED and job.progress_total:
             changes["progress_done"] = job.progress_total
-        done = Job.objects.filter(pk=job.pk, status__in=expected).update(**changes)
+        done = Job.objects.filter(pk=job.pk, status__in=expected, **(only_if or {})).update(
+            **changes
+        )
         if done:
             record_event(
                 action=_FINISH_ACTIONS[status],
@@ -307,7 +329,14 @@ def reap_stale_jobs() -> int:
             f"worker lost: no heartbeat since {job.heartbeat_at:%Y-%m-%d %H:%M:%S} UTC "
             f"(limit {settings.JOB_HEARTBEAT_TIMEOUT} s)"
         )
-        reaped += _finish(job, JobStatus.FAILED, error=reason, expected=(JobStatus.RUNNING,))
+        # Only if it is still silent: a heartbeat written since the SELECT saves the job.
+        reaped += _finish(
+            job,
+            JobStatus.FAILED,
+            error=reason,
+            expected=(JobStatus.RUNNING,),
+            only_if={"heartbeat_at__lt": now - stale},
+        )
     for job in Job.objects.filter(status=JobStatus.PENDING, created_at__lt=now - never):
         reason = f"never started: no worker took it within {settings.JOB_PENDING_TIMEOUT} s"
         reaped += _finish(job, JobStatus.FAILED, error=reason, expected=(JobStatus.PENDING,))

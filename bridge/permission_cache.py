@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+import uuid
 from typing import Any
 
 from django.contrib.auth.backends import ModelBackend
@@ -36,10 +38,10 @@ def bump_permission_generation(**kwargs: Any) -> None:
 def _bump() -> None:
     from django.core.cache import cache
 
+    # A random token, never a counter: a counter that expired or was evicted (the file cache
+    # culls, Redis evicts) would restart and climb back onto values old entries carry.
     try:
-        cache.incr(_GENERATION_KEY)
-    except ValueError:
-        cache.set(_GENERATION_KEY, 1, None)
+        cache.set(_GENERATION_KEY, uuid.uuid4().hex, None)
     except Exception:
         # Cached sets now live until they expire: say so loudly.
         log.exception(
@@ -48,14 +50,41 @@ def _bump() -> None:
         )
 
 
+# After a cache error this process asks the database for a while instead of waiting on a hung
+# cache for every request (twice REDIS_TIMEOUT per permission check otherwise).
+_CACHE_PAUSE_SECONDS = 30.0
+_cache_paused_until = 0.0
+
+
+def _cache_failed(operation: str) -> None:
+    global _cache_paused_until
+    _cache_paused_until = time.monotonic() + _CACHE_PAUSE_SECONDS
+    log.warning(
+        "permission cache %s failed; asking the database for %.0f s",
+        operation,
+        _CACHE_PAUSE_SECONDS,
+        exc_info=True,
+    )
+
+
+def _generation(cache: Any, found: dict) -> str:
+    generation = found.get(_GENERATION_KEY)
+    if generation is None:
+        # Missing (first use, evicted): a new token; whoever adds first wins, others read it.
+        cache.add(_GENERATION_KEY, uuid.uuid4().hex, None)
+        generation = cache.get(_GENERATION_KEY)
+    return generation
+
+
 class CachedPermissionBackend(ModelBackend):
     """Django's ModelBackend with each user's permission set kept in the shared cache.
 
     Every API call asks `has_perm`; the ModelBackend answers with two joins over the auth
     tables per request, which doubled the cost of the busiest endpoint. The set is cached per
-    user under a generation that any change of groups or permissions bumps (signals below), and
-    an entry is used only for the same user row (`date_joined`) and superuser flag. Without a
-    cache the database is asked, as before.
+    user under a generation token that any committed change of groups or permissions replaces
+    (signals below), and an entry is used only for the same user row (`date_joined`) and
+    superuser flag. A change made behind Django's back (raw SQL on the link tables) counts
+    within PERMISSION_CACHE_SECONDS. Without a working cache the database is asked, as before.
     """
 
     def get_all_permissions(self, user_obj: Any, obj: Any = None) -> set[str]:
@@ -63,24 +92,28 @@ class CachedPermissionBackend(ModelBackend):
             return set()
         if hasattr(user_obj, "_perm_cache"):
             return user_obj._perm_cache
+        if time.monotonic() < _cache_paused_until:
+            return super().get_all_permissions(user_obj)
         from django.core.cache import cache
 
         key = _user_key(user_obj)
         identity = (user_obj.is_superuser, user_obj.date_joined.isoformat())
         try:
             found = cache.get_many([_GENERATION_KEY, key])
+            generation = _generation(cache, found)
         except Exception:
-            found = {}
-        generation = found.get(_GENERATION_KEY, 0)
+            _cache_failed("read")
+            return super().get_all_permissions(user_obj)
         entry = found.get(key)
-        if entry and entry[0] == generation and entry[1] == identity:
+        if generation and entry and entry[0] == generation and entry[1] == identity:
             user_obj._perm_cache = set(entry[2])
             return user_obj._perm_cache
         perms = super().get_all_permissions(user_obj)
-        try:
-            cache.set(key, (generation, identity, sorted(perms)), PERMISSION_CACHE_SECONDS)
-        except Exception:  # noqa: S110
-            pass
+        if generation:
+            try:
+                cache.set(key, (generation, identity, sorted(perms)), PERMISSION_CACHE_SECONDS)
+            except Exception:
+                _cache_failed("write")
         return perms
 
 

@@ -30,6 +30,7 @@ ROLE_PERMISSIONS: dict[Role, tuple[str, ...]] = {
     ),
     Role.SECURITY_OFFICER: (
         "security.view_*",
+        "security.revoke_tokenfamily",
         "axes.view_*",
         "axes.delete_accessattempt",
         "token_blacklist.view_*",

@@ -227,6 +227,12 @@ JWT_REFRESH_REUSE_GRACE = (
     if env_str("JWT_REFRESH_REUSE_GRACE", "0").strip().rstrip("smhd") == "0"
     else env_duration("JWT_REFRESH_REUSE_GRACE", "0")
 )
+# Within the window a thief holding the spent token gets the live pair too: a window long
+# enough to matter would switch reuse detection off. Okta caps its reuse interval at 60 s.
+if JWT_REFRESH_REUSE_GRACE is not None and JWT_REFRESH_REUSE_GRACE.total_seconds() > 60:
+    raise ImproperlyConfigured(
+        "JWT_REFRESH_REUSE_GRACE: at most 60s (a longer window turns reuse detection off)"
+    )
 SIMPLE_JWT = {
     "ACCESS_TOKEN_LIFETIME": JWT_EXPIRATION,
     "REFRESH_TOKEN_LIFETIME": JWT_REFRESH_EXPIRATION,
@@ -315,6 +321,22 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "control_folder": str(VAR_DIR / "celery" / "control"),
         "store_processed": False,
     }
+# A broker that accepts connections and never answers must not hold a web request that queues
+# a job: connecting, reading and publishing give up after BROKER_TIMEOUT seconds, and a publish
+# is retried twice, quickly, before the job is failed as "could not be queued".
+BROKER_TIMEOUT = env_int("BROKER_TIMEOUT", 5, minimum=1)
+if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "socket_timeout": BROKER_TIMEOUT,
+        "socket_connect_timeout": BROKER_TIMEOUT,
+    }
+CELERY_BROKER_CONNECTION_TIMEOUT = BROKER_TIMEOUT
+CELERY_TASK_PUBLISH_RETRY_POLICY = {
+    "max_retries": 2,
+    "interval_start": 0,
+    "interval_step": 0.5,
+    "interval_max": 1,
+}
 # Worker and beat import it at start: its signal handlers write their heartbeats, which
 # /health/ready reads (recovery/health.py).
 CELERY_IMPORTS = ["recovery.health"]

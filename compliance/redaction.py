@@ -42,6 +42,7 @@ SECRET_WORDS: frozenset[str] = frozenset(
         "passwords",
         "passwd",
         "pwd",
+        "pw",
         "pass",
         "passphrase",
         "passcode",
@@ -156,16 +157,21 @@ _JWT = re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]*){2,4}
 # The credential must look like one (a digit, a symbol or a lower-to-upper case change), so
 # prose such as "bearer of bad news" or "Basic configuration" is left alone.
 _AUTH_SCHEME = re.compile(
-    r"\b(?P<scheme>(?i:bearer|basic))\s+"
+    r"\b(?P<scheme>(?i:bearer|basic|token))\s+"
     r"(?=[A-Za-z0-9._~+/=-]*(?:[0-9._~+/=-]|[a-z][A-Z]))[A-Za-z0-9._~+/-]+=*"
 )
-_SCHEMES = frozenset({"bearer", "basic"})
+_SCHEMES = frozenset({"bearer", "basic", "token"})
+# The password runs to the authority's last `@` (a password may hold `@` itself).
 _URL_PASSWORD = re.compile(
-    r"(?<![A-Za-z0-9+.-])(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*:)[^@/?#\s]+(?=@)"
+    r"(?<![A-Za-z0-9+.-])(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*:)[^/?#\s]+"
+    r"(?=@[^@/?#\s]*(?:[/?#\s]|$))"
 )
+# A quoted value runs to its closing quote (spaces included); a bare one to a space, `&`, `;`,
+# `,` or a quote, so `password=p@ss(word)` is masked whole.
 _ASSIGNMENT = re.compile(
     r"(?<![A-Za-z0-9_.-])(?P<name>[A-Za-z_][A-Za-z0-9_.-]*)"
-    r"(?P<sep>[\"']?\s*[=:]\s*[\"']?)(?P<value>[^\s&;,\"'<>()\[\]{}]+)"
+    r"(?P<sep>[\"']?\s*[=:]\s*)"
+    r"(?:(?P<quote>[\"'])(?P<quoted>[^\"'\n]{0,1024})(?P=quote)|(?P<value>[^\s&;,\"']+))"
 )
 
 
@@ -198,6 +204,9 @@ def _normal_key(key: str) -> str:
 def _mask_assignment(match: re.Match[str]) -> str:
     if not is_secret_key(match["name"]):
         return match[0]
+    if match["quote"]:
+        quote = match["quote"]
+        return f"{match['name']}{match['sep']}{quote}{REDACTED}{quote}"
     if match["value"].lower() in _SCHEMES and match.string.startswith(f" {REDACTED}", match.end()):
         # `Authorization: Bearer [REDACTED]`: the credential is already masked, the scheme
         # still tells the reader what kind it was.
@@ -213,7 +222,7 @@ def redact_text(text: str) -> str:
         text = _PEM.sub(REDACTED, text)
     if "eyJ" in text:
         text = _JWT.sub(REDACTED, text)
-    if "earer" in text or "EARER" in text or "asic" in text or "ASIC" in text:
+    if any(tell in text for tell in ("earer", "EARER", "asic", "ASIC", "oken", "OKEN")):
         text = _AUTH_SCHEME.sub(lambda match: f"{match['scheme']} {REDACTED}", text)
     if "://" in text:
         text = _URL_PASSWORD.sub(lambda match: f"{match['head']}{REDACTED}", text)
@@ -250,6 +259,15 @@ def _redact(value: Any, masked: frozenset[str]) -> Any:
             )
         return result
     if isinstance(value, list | tuple):
+        if (
+            len(value) == 2
+            and isinstance(value[0], str)
+            and is_secret_key(value[0])
+            and value[1] is not None
+            and not isinstance(value[1], bool)
+        ):
+            # A header or form field as a [name, value] pair: ["Authorization", "Token x"].
+            return [redact_text(value[0]), REDACTED]
         return [_redact(item, masked) for item in value]
     if isinstance(value, float) and not math.isfinite(value):
         # NaN and Infinity are not JSON: stored as text, they would break every reader.

@@ -24,8 +24,8 @@ def verify_audit_chain_task(job_id: int) -> None:
 
 @shared_task
 def scheduled_verification_task() -> None:
-    # The scheduled run is its own worker: no second hop through the broker.
-    job = verification.start_verification(
-        context=AuditContext.system(), source=VerificationSource.SCHEDULE, enqueue=False
+    # Only queues the job: the job id then travels in the message, so a redelivery after a
+    # lost worker finds the job taken instead of starting a second walk.
+    verification.start_verification(
+        context=AuditContext.system(), source=VerificationSource.SCHEDULE
     )
-    run_job(job.pk, verification.verify_chain_job)

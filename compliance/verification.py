@@ -91,9 +91,26 @@ def check_chain(*, on_progress: Callable[[int, int], None] | None = None) -> Cha
 
 
 def start_verification(
-    *, context: AuditContext, source: VerificationSource, enqueue: bool = True
+    *,
+    context: AuditContext,
+    source: VerificationSource,
+    enqueue: bool = True,
+    reuse_active: bool = True,
 ) -> Job:
-    """Ask for a verification run (a job); the worker runs `verify_chain_job`."""
+    """Ask for a verification run (a job); the worker runs `verify_chain_job`.
+
+    One at a time: while a run is pending or running, asking again returns that run, so a
+    burst of requests cannot queue a walk of the whole chain each and starve the sealer. The
+    command line (`reuse_active=False`) runs its own, to print its progress.
+    """
+    if reuse_active:
+        active = (
+            AuditVerification.objects.filter(status__in=(JobStatus.PENDING, JobStatus.RUNNING))
+            .order_by("id")
+            .first()
+        )
+        if active is not None:
+            return active
     return start_job(
         kind=VERIFY_JOB_KIND, context=context, params={"source": str(source)}, enqueue=enqueue
     )

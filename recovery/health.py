@@ -27,6 +27,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -273,51 +275,53 @@ def checks() -> list[Check]:
 
 # --- Running them against a deadline ------------------------------------------------------
 
-_in_flight: dict[str, float] = {}
+# One run of each check at a time, shared: probes arriving together (several load balancer
+# nodes, the dashboard) wait for the same run instead of starting a second one. A run older
+# than the deadline is a hung dependency; later probes report it without waiting.
+_in_flight: dict[str, tuple[float, Future]] = {}
 _in_flight_lock = threading.Lock()
 
 
-def _run_all(to_run: list[Check], deadline: float) -> dict[str, tuple[bool, str]]:
-    results: dict[str, tuple[bool, str]] = {}
-    finished = threading.Condition()
+def _start(check: Check, now: float) -> tuple[float, Future]:
+    future: Future = Future()
 
-    def run(check: Check) -> None:
+    def run() -> None:
         try:
             outcome = check.run()
         except Exception as exc:
             outcome = (False, _reason(exc))
-        finally:
-            with _in_flight_lock:
-                _in_flight.pop(check.name, None)
-        with finished:
-            results[check.name] = outcome
-            finished.notify_all()
+        with _in_flight_lock:
+            if _in_flight.get(check.name, (0.0, None))[1] is future:
+                del _in_flight[check.name]
+        future.set_result(outcome)
 
+    threading.Thread(target=run, name=f"ready-{check.name}", daemon=True).start()
+    return now, future
+
+
+def _run_all(to_run: list[Check], deadline: float) -> dict[str, tuple[bool, str]]:
     started = time.monotonic()
+    runs: dict[str, tuple[float, Future]] = {}
     for check in to_run:
         with _in_flight_lock:
-            earlier = _in_flight.get(check.name)
-            if earlier is None:
-                _in_flight[check.name] = started
-        if earlier is not None:
-            results[check.name] = (
+            if check.name not in _in_flight:
+                _in_flight[check.name] = _start(check, started)
+            runs[check.name] = _in_flight[check.name]
+    end = started + deadline
+    results: dict[str, tuple[bool, str]] = {}
+    for name, (since, future) in runs.items():
+        if since < started - deadline:
+            # Started by an earlier probe and still not answering after a whole deadline.
+            results[name] = (
                 False,
-                f"timed out: an earlier check has not answered for {started - earlier:.0f} s",
+                f"timed out: an earlier check has not answered for {started - since:.0f} s",
             )
             continue
-        threading.Thread(target=run, args=(check,), name=f"ready-{check.name}", daemon=True).start()
-
-    end = started + deadline
-    with finished:
-        while len(results) < len(to_run):
-            remaining = end - time.monotonic()
-            if remaining <= 0:
-                break
-            finished.wait(remaining)
-        snapshot = dict(results)
-    for check in to_run:
-        snapshot.setdefault(check.name, (False, f"timed out after {deadline:g} s"))
-    return snapshot
+        try:
+            results[name] = future.result(timeout=max(0.0, end - time.monotonic()))
+        except FutureTimeout:
+            results[name] = (False, f"timed out after {deadline:g} s")
+    return results
 
 
 def readiness_report(deadline: float = READY_DEADLINE) -> dict[str, Any]:

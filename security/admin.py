@@ -42,7 +42,10 @@ class BridgeUserAdmin(UserAdmin, ModelAdmin):
     def roles(self, user: User) -> str:
         return ", ".join(group.name for group in user.groups.all()) or "-"
 
-    @admin.action(description="Log out everywhere (revoke all tokens)")
+    def has_revoke_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("security.revoke_tokenfamily")
+
+    @admin.action(description="Log out everywhere (revoke all tokens)", permissions=["revoke"])
     def log_out_everywhere(self, request: HttpRequest, queryset: QuerySet[User]) -> None:
         for user in queryset:
             services.logout(request=request, user=user)
@@ -108,7 +111,10 @@ class TokenFamilyAdmin(AppendOnlyAdmin):
         actions.pop("delete_selected", None)
         return actions
 
-    @admin.action(description="Revoke the selected sessions")
+    def has_revoke_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("security.revoke_tokenfamily")
+
+    @admin.action(description="Revoke the selected sessions", permissions=["revoke"])
     def revoke(self, request: HttpRequest, queryset: QuerySet[TokenFamily]) -> None:
         count = services.revoke_sessions(request=request, families=queryset)
         self.message_user(request, f"Revoked {count} session(s).", level=messages.WARNING)

@@ -45,6 +45,9 @@ class TokenFamily(models.Model):
     class Meta:
         verbose_name_plural = "token families"
         ordering = ["-created_at"]
+        permissions = [
+            ("revoke_tokenfamily", "Can revoke sessions and log users out everywhere"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.user} {self.id}"

@@ -331,6 +331,46 @@ def test_the_access_log_leaves_out_static_files_served_but_keeps_everything_else
     assert quiet.filter(record("/health/live", "200"))
 
 
+@pytest.mark.servers
+def test_make_run_does_not_announce_itself_when_another_process_answers_on_its_port(short_tmp):
+    import http.server
+
+    # given another web server already answering 200 on the port
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    port = other.server_address[1]
+    env = bridge_env(short_tmp, PORT=str(port))
+    prepare(env)
+    try:
+        # when Bridge is started on that port
+        result = subprocess.run(
+            [str(ROOT / "bin/run")],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            start_new_session=True,
+        )
+    finally:
+        other.shutdown()
+    # then it fails, saying why, and keeps the generated password for a run that works
+    assert result.returncode != 0
+    assert "Bridge is up" not in result.stdout
+    assert f"Port {port} is taken by another process" in result.stderr
+    assert (short_tmp / "admin_password").exists()
+
+
 # --- Probes while the database hangs ------------------------------------------------------
 
 

@@ -254,3 +254,33 @@ def test_a_custom_event_is_stored_without_its_secrets_but_with_its_identifiers(c
         "key_id": "k1",
         "note": f"Bearer {REDACTED} was rotated",
     }
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (
+            "Authorization: Token 9944b09199c62bcf9418ad846dd0e4bb",
+            "Authorization: Token [REDACTED]",
+        ),
+        ([["Authorization", "Token x"]], [["Authorization", "[REDACTED]"]]),
+        ('{"password": "s3 cret"}', '{"password": "[REDACTED]"}'),
+        ("password=p@ss(word)", "password=[REDACTED]"),
+        ("postgres://u:p@ss@db/x", "postgres://u:[REDACTED]@db/x"),
+        ({"pw": "abc"}, {"pw": "[REDACTED]"}),
+        ("http://example.org/a@b", "http://example.org/a@b"),
+        ("a token of appreciation", "a token of appreciation"),
+    ],
+    ids=[
+        "token-scheme",
+        "header-pair",
+        "quoted-with-space",
+        "bare-with-brackets",
+        "url-password-with-at",
+        "pw-key",
+        "at-in-path-kept",
+        "prose-kept",
+    ],
+)
+def test_shapes_found_in_review_are_masked_and_look_alikes_kept(value, expected):
+    assert redact(value) == expected

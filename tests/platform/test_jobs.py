@@ -250,3 +250,124 @@ def test_the_jobs_list_filters_by_status_and_refuses_an_unknown_status(complianc
     bad = compliance_api.get("/api/jobs", {"status": "exploded"})
     assert bad.status_code == 400
     assert "status" in bad.json()
+
+
+@pytest.mark.django_db
+def test_a_hung_broker_fails_the_job_within_seconds_instead_of_holding_the_request(
+    monkeypatch, django_capture_on_commit_callbacks, hung_port
+):
+    import time
+
+    from bridge.celery import app
+
+    # given a Redis broker that accepts connections and never answers
+    broker = f"redis://127.0.0.1:{hung_port}/0"
+    monkeypatch.setitem(app.conf, "task_always_eager", False)
+    monkeypatch.setitem(app.conf, "broker_url", broker)
+    monkeypatch.setenv("CELERY_BROKER_URL", broker)
+    monkeypatch.setitem(
+        app.conf, "broker_transport_options", {"socket_timeout": 0.5, "socket_connect_timeout": 0.5}
+    )
+    monkeypatch.setitem(app.conf, "broker_connection_timeout", 0.5)
+    _fresh_broker_pool(app)
+    started = time.monotonic()
+    try:
+        with django_capture_on_commit_callbacks(execute=True):
+            job = jobs.start_job(kind=VERIFY_JOB_KIND, context=AuditContext.system())
+    finally:
+        _fresh_broker_pool(app)
+    # then the request was held seconds, not forever, and the job says why
+    assert time.monotonic() - started < 10
+    job.refresh_from_db()
+    assert job.status == JobStatus.FAILED
+    assert job.error.startswith("could not be queued")
+
+
+@pytest.mark.django_db
+def test_a_secret_in_a_job_error_or_its_params_is_masked_in_the_row_the_api_and_the_log(
+    compliance_api, caplog
+):
+    secret = "S3cret-Pw-991"
+    job = jobs.start_job(
+        kind=VERIFY_JOB_KIND,
+        context=AuditContext.system(),
+        params={"target": f"s3://backup:{secret}@bucket", "api_key": secret},
+        enqueue=False,
+    )
+
+    def work(job: Job, progress: jobs.Progress) -> dict:
+        raise ConnectionError(f"could not connect to postgres://bridge:{secret}@db:5432/bridge")
+
+    jobs.run_job(job.pk, work)
+    row = Job.objects.get(pk=job.pk)
+    body = compliance_api.get(f"/api/jobs/{job.pk}").content.decode()
+    assert row.status == JobStatus.FAILED
+    assert "postgres://bridge:[REDACTED]@db:5432/bridge" in row.error
+    for place in (row.error, str(row.params), body, caplog.text):
+        assert secret not in place
+    assert "job.failed" in AuditEvent.objects.values_list("action", flat=True)
+
+
+@pytest.mark.django_db
+def test_asking_for_a_verification_while_one_is_waiting_returns_that_one(compliance_api):
+    first = compliance_api.post(VERIFY)  # no commit callbacks run: it stays pending
+    again = compliance_api.post(VERIFY)
+    assert (first.status_code, again.status_code) == (202, 202)
+    assert first.json()["id"] == again.json()["id"]
+    assert AuditVerification.objects.count() == 1
+
+
+@pytest.mark.django_db
+def test_the_scheduled_verification_queues_a_job_that_runs_once(
+    django_capture_on_commit_callbacks,
+):
+    from compliance.tasks import scheduled_verification_task
+
+    with django_capture_on_commit_callbacks(execute=True):
+        scheduled_verification_task()
+    run = AuditVerification.objects.get()
+    assert (run.status, run.ok, run.source) == (JobStatus.SUCCEEDED, True, "schedule")
+    # a redelivered message finds the job taken
+    assert jobs.run_job(run.pk, lambda job, progress: {}) is None
+
+
+@pytest.mark.django_db
+@override_settings(JOB_HEARTBEAT_TIMEOUT=60)
+def test_the_reaper_spares_a_job_whose_heartbeat_arrives_between_its_look_and_its_update():
+    job = _pending_verification()
+    stale = timezone.now() - timedelta(seconds=61)
+    Job.objects.filter(pk=job.pk).update(status=JobStatus.RUNNING, heartbeat_at=stale)
+    job.refresh_from_db()
+    # the worker beats after the reaper read the row
+    Job.objects.filter(pk=job.pk).update(heartbeat_at=timezone.now())
+    spared = not jobs._finish(
+        job,
+        JobStatus.FAILED,
+        error="lost",
+        expected=(JobStatus.RUNNING,),
+        only_if={"heartbeat_at__lt": timezone.now() - timedelta(seconds=60)},
+    )
+    assert spared
+    assert Job.objects.get(pk=job.pk).status == JobStatus.RUNNING
+
+
+@pytest.mark.django_db
+def test_a_job_that_catches_every_exception_still_stops_when_cancelled():
+    job = _pending_verification()
+    done = []
+
+    def work(job: Job, progress: jobs.Progress) -> dict:
+        for item in range(3):
+            try:
+                if item == 1:
+                    jobs.cancel_job(job=job, context=AuditContext.system())
+                progress.update(item + 1, 3)
+                done.append(item)
+            except Exception:  # noqa: S112  (the careless job this test is about)
+                continue
+        return {}
+
+    assert jobs.run_job(job.pk, work).status == JobStatus.CANCELLED
+    # progress is written at most every 0.5 s (and always at the end): the cancel is seen at
+    # the last item's report, which the job's own `except Exception` could not swallow
+    assert done == [0, 1]

@@ -149,3 +149,51 @@ def test_a_cached_set_is_never_used_for_another_user_row_with_the_same_id():
     stranger = User.objects.create_user(pk=pk, username="second", password=PASSWORD)
     # then the stranger does not inherit the cached set
     assert client_for(stranger).get(EVENTS).status_code == 403
+
+
+@pytest.mark.django_db
+def test_a_role_taken_away_counts_at_once_even_after_the_generation_was_evicted(
+    operator, operator_api, django_capture_on_commit_callbacks
+):
+    from django.core.cache import cache
+
+    from bridge import permission_cache
+
+    # given a cached set that grants the audit trail
+    with django_capture_on_commit_callbacks(execute=True):
+        operator.groups.add(Group.objects.get(name=Role.COMPLIANCE_OFFICER))
+    assert operator_api.get(EVENTS).status_code == 200
+    # when the cache evicts the generation, and then the role is taken away
+    cache.delete(permission_cache._GENERATION_KEY)
+    assert operator_api.get(EVENTS).status_code == 200
+    with django_capture_on_commit_callbacks(execute=True):
+        operator.groups.remove(Group.objects.get(name=Role.COMPLIANCE_OFFICER))
+    # then the very next request is refused
+    assert operator_api.get(EVENTS).status_code == 403
+
+
+@pytest.mark.django_db
+def test_a_hung_cache_costs_one_timeout_then_permissions_come_from_the_database(
+    compliance_api, hung_port, settings
+):
+    import time
+
+    from bridge import permission_cache
+
+    # given a Redis cache that accepts connections and never answers
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": f"redis://127.0.0.1:{hung_port}/0",
+            "OPTIONS": {"socket_timeout": 0.3, "socket_connect_timeout": 0.3},
+        }
+    }
+    try:
+        # when two requests check a permission
+        assert compliance_api.get(EVENTS).status_code == 200
+        started = time.monotonic()
+        assert compliance_api.get(EVENTS).status_code == 200
+        # then the second one does not wait on the cache again
+        assert time.monotonic() - started < 0.3
+    finally:
+        permission_cache._cache_paused_until = 0.0

@@ -430,3 +430,27 @@ def test_a_broken_chain_degrades_readiness_naming_the_event(anon_api, beating, v
 
 def response_ok(body: dict) -> bool:
     return body["status"] in ("ok", "degraded") and body["failing"] == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_probes_arriving_together_share_each_check_and_all_answer_ok(beating):
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    from django.db import connections
+    from rest_framework.test import APIClient
+
+    # given six probes released at the same instant (load balancer nodes, the dashboard)
+    gate = Barrier(6)
+
+    def probe(_: int) -> int:
+        gate.wait()
+        try:
+            return APIClient().get(READY).status_code
+        finally:
+            connections.close_all()
+
+    with ThreadPoolExecutor(6) as pool:
+        statuses = list(pool.map(probe, range(6)))
+    # then none of them reports a healthy dependency as timed out
+    assert statuses == [200] * 6

@@ -28,7 +28,10 @@ class Command(BaseCommand):
 
         # The same job the API and the schedule run, run here in-process to show its progress.
         job = verification.start_verification(
-            context=AuditContext.system(), source=VerificationSource.CLI, enqueue=False
+            context=AuditContext.system(),
+            source=VerificationSource.CLI,
+            enqueue=False,
+            reuse_active=False,
         )
         run_job(job.pk, verification.verify_chain_job, listener=progress)
         run = AuditVerification.objects.get(pk=job.pk)
