@@ -200,12 +200,9 @@ def _wait_until_blocked_on_locks(count: int, timeout: float = 30) -> None:
     raise AssertionError(f"{count} sessions never queued on the family lock")
 
 
-@pytest.mark.parametrize(
-    ("raw", "shown"),
-    [("0", "None"), ("0s", "None"), ("30s", "0:00:30"), ("1m", "0:01:00")],
-)
-def test_the_grace_setting_reads_durations_and_zero_means_off(tmp_path, raw, shown):
-    result = subprocess.run(
+def _grace_in_a_fresh_process(var_dir: object, raw: str) -> subprocess.CompletedProcess:
+    """Start Django with JWT_REFRESH_REUSE_GRACE=raw and print the setting it read."""
+    return subprocess.run(
         [
             sys.executable,
             "-c",
@@ -216,7 +213,7 @@ def test_the_grace_setting_reads_durations_and_zero_means_off(tmp_path, raw, sho
         cwd=ROOT,
         env={
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "BRIDGE_VAR_DIR": str(tmp_path),
+            "BRIDGE_VAR_DIR": str(var_dir),
             "JWT_REFRESH_REUSE_GRACE": raw,
         },
         capture_output=True,
@@ -224,29 +221,20 @@ def test_the_grace_setting_reads_durations_and_zero_means_off(tmp_path, raw, sho
         timeout=60,
         check=False,
     )
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [("0", "None"), ("0s", "None"), ("30s", "0:00:30"), ("1m", "0:01:00")],
+)
+def test_the_grace_setting_reads_durations_and_zero_means_off(tmp_path, raw, shown):
+    result = _grace_in_a_fresh_process(tmp_path, raw)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == shown
 
 
 @pytest.mark.parametrize("raw", ["soon", "61s", "1d"])
 def test_a_malformed_or_too_long_grace_setting_refuses_to_start(tmp_path, raw):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import os, django; os.environ['DJANGO_SETTINGS_MODULE'] = 'bridge.settings'; "
-            "django.setup()",
-        ],
-        cwd=ROOT,
-        env={
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "BRIDGE_VAR_DIR": str(tmp_path),
-            "JWT_REFRESH_REUSE_GRACE": raw,
-        },
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = _grace_in_a_fresh_process(tmp_path, raw)
     assert result.returncode != 0
     assert "JWT_REFRESH_REUSE_GRACE" in result.stderr
