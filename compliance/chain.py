@@ -40,13 +40,30 @@ _HASHED_FIELDS = (
     "details",
     "prev_hash",
 )
+# The fields each hash version covers. A later version (the compliance issue will move personal
+# data out of the hashed fields) is added here; every seal keeps the version it was made with,
+# and verification recomputes each seal with its own, so old seals stay valid.
+HASH_VERSIONS: dict[int, tuple[str, ...]] = {1: _HASHED_FIELDS}
+CURRENT_HASH_VERSION = 1
+# Every column any version hashes, read once per event.
 _EVENT_FIELDS = tuple(name for name in _HASHED_FIELDS if name not in ("seq", "prev_hash"))
 
 
-def event_hash(fields: dict[str, Any]) -> str:
-    """SHA-256 over the canonical JSON of an event's fields and its prev_hash."""
-    payload = {name: fields[name] for name in _HASHED_FIELDS}
+class UnknownHashVersion(ValueError):
+    """A seal names a hash version this code does not know (forged, or from newer code)."""
+
+
+def event_hash(fields: dict[str, Any], version: int = CURRENT_HASH_VERSION) -> str:
+    """SHA-256 over the canonical JSON of an event's fields (as `version` lists them) and its
+    prev_hash. From version 2 on the version itself is hashed too, so a seal relabelled with
+    another version no longer matches."""
+    names = HASH_VERSIONS.get(version)
+    if names is None:
+        raise UnknownHashVersion(version)
+    payload = {name: fields[name] for name in names}
     payload["occurred_at"] = iso(payload["occurred_at"])
+    if version > 1:
+        payload["hash_version"] = version
     return hashlib.sha256(canonical_json(payload).encode("utf-8")).hexdigest()
 
 
@@ -105,14 +122,15 @@ def seal_pending_events(*, batch: int | None = None, sweep: bool = False) -> int
                 head.save(update_fields=["stragglers_checked_at"])
             return 0
         seq, prev = head.last_seq, head.last_hash
+        version = CURRENT_HASH_VERSION
         seals = []
         for row in pending:
             seq += 1
             fields = dict(zip(_EVENT_FIELDS, row, strict=True))
             fields.update(seq=seq, prev_hash=prev)
-            prev = event_hash(fields)
-            seals.append((fields["id"], seq, fields["prev_hash"], prev))
-        bulk_insert(AuditSeal, ("event_id", "seq", "prev_hash", "hash"), seals)
+            prev = event_hash(fields, version)
+            seals.append((fields["id"], seq, fields["prev_hash"], prev, version))
+        bulk_insert(AuditSeal, ("event_id", "seq", "prev_hash", "hash", "hash_version"), seals)
         head.last_seq, head.last_hash = seq, prev
         head.last_event_id = max(head.last_event_id or 0, pending[-1][0])
         head.sealed_at = timezone.now()

@@ -93,6 +93,8 @@ class AuditSeal(models.Model):
     seq = models.BigIntegerField(unique=True)
     prev_hash = models.CharField(max_length=64)
     hash = models.CharField(max_length=64)
+    # Which field set `hash` covers (compliance.chain.HASH_VERSIONS); seals keep theirs.
+    hash_version = models.PositiveSmallIntegerField(default=1)
 
     def __str__(self) -> str:
         return f"seal {self.seq} of event {self.event_id}"

@@ -17,6 +17,7 @@ from compliance.audit import AuditContext, record_event
 from compliance.chain import (
     _EVENT_FIELDS,
     GENESIS_HASH,
+    HASH_VERSIONS,
     chain_head,
     event_hash,
     unsealed_count,
@@ -48,11 +49,17 @@ def check_chain(*, on_progress: Callable[[int, int], None] | None = None) -> Cha
     head_hash = head.last_hash if head else GENESIS_HASH
     unsealed = unsealed_count()
     expected_seq, prev, checked = 1, GENESIS_HASH, 0
-    columns = ("seq", "prev_hash", "hash", *(f"event__{name}" for name in _EVENT_FIELDS))
+    columns = (
+        "seq",
+        "prev_hash",
+        "hash",
+        "hash_version",
+        *(f"event__{name}" for name in _EVENT_FIELDS),
+    )
     rows = AuditSeal.objects.filter(seq__lte=head_seq).order_by("seq").values_list(*columns)
     for row in rows.iterator(chunk_size=2000):
-        seq, prev_hash, stored_hash = row[:3]
-        fields = dict(zip(_EVENT_FIELDS, row[3:], strict=True))
+        seq, prev_hash, stored_hash, version = row[:4]
+        fields = dict(zip(_EVENT_FIELDS, row[4:], strict=True))
         fields.update(seq=seq, prev_hash=prev_hash)
         if seq != expected_seq:
             # The removed event's seal is still there (its own table, no foreign key): name the
@@ -70,7 +77,11 @@ def check_chain(*, on_progress: Callable[[int, int], None] | None = None) -> Cha
             return ChainCheck(
                 False, checked, unsealed, fields["id"], "prev_hash does not match the event before"
             )
-        if event_hash(fields) != stored_hash:
+        if version not in HASH_VERSIONS:
+            return ChainCheck(
+                False, checked, unsealed, fields["id"], f"unknown hash_version {version}"
+            )
+        if event_hash(fields, version) != stored_hash:
             return ChainCheck(
                 False, checked, unsealed, fields["id"], "content does not match its hash"
             )

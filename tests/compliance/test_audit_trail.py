@@ -574,3 +574,75 @@ def test_the_console_filters_by_seal_and_status_class(admin_user):
     # 5xx: only the 503
     server_errors, _ = _console_ids(client, "status_class=5")
     assert [AuditEvent.objects.get(pk=pk).status_code for pk in server_errors] == [503]
+
+
+@pytest.mark.django_db
+def test_the_api_and_the_command_name_the_same_first_broken_event(verify):
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    # given events and seals 3-5 of 8 deleted together, as a superuser would
+    for n in range(8):
+        audit.record_event(action=f"custom.g{n}")
+    chain.seal_all_pending()
+    ids = list(AuditEvent.objects.order_by("id").values_list("id", flat=True))
+    gone = ids[2:5]
+    for event_id in gone:
+        bypass_triggers("DELETE FROM compliance_auditseal WHERE event_id = %s", [event_id])
+        bypass_triggers("DELETE FROM compliance_auditevent WHERE id = %s", [event_id])
+    # when both look
+    body = verify()
+    with pytest.raises(CommandError) as failure:
+        call_command("verify_audit_chain")
+    # then both name the event right after the gap, and the missing seqs
+    assert body["ok"] is False
+    assert body["first_broken_id"] == ids[5]
+    assert f"event id {ids[5]}:" in str(failure.value)
+    assert "seq 3..5 are missing" in body["reason"] and "seq 3..5" in str(failure.value)
+
+
+@pytest.mark.django_db
+def test_every_seal_records_the_hash_version_it_was_made_with():
+    audit.record_event(action="custom.v")
+    chain.seal_all_pending()
+    assert set(AuditSeal.objects.values_list("hash_version", flat=True)) == {
+        chain.CURRENT_HASH_VERSION
+    }
+
+
+@pytest.mark.django_db
+def test_a_seal_relabelled_with_an_unknown_hash_version_is_reported(verify):
+    audit.record_event(action="custom.v")
+    chain.seal_all_pending()
+    victim = AuditEvent.objects.get(action="custom.v")
+    bypass_triggers(
+        "UPDATE compliance_auditseal SET hash_version = 7 WHERE event_id = %s", [victim.pk]
+    )
+    body = verify()
+    assert (body["ok"], body["first_broken_id"]) == (False, victim.pk)
+    assert body["reason"] == "unknown hash_version 7"
+
+
+@pytest.mark.django_db
+def test_seals_of_an_old_and_a_new_hash_version_verify_together_and_cannot_swap(
+    monkeypatch, verify
+):
+    # given seals made with version 1
+    audit.record_event(action="custom.old")
+    chain.seal_all_pending()
+    # when a version 2 without the client IP takes over and seals newer events
+    v2 = tuple(name for name in chain.HASH_VERSIONS[1] if name != "client_ip")
+    monkeypatch.setitem(chain.HASH_VERSIONS, 2, v2)
+    monkeypatch.setattr(chain, "CURRENT_HASH_VERSION", 2)
+    audit.record_event(action="custom.new")
+    chain.seal_all_pending()
+    newer = AuditEvent.objects.get(action="custom.new")
+    assert newer.seal.hash_version == 2
+    # then both verify, each with its own field set
+    assert verify()["ok"] is True
+    # and a version-2 seal relabelled as version 1 no longer matches
+    bypass_triggers(
+        "UPDATE compliance_auditseal SET hash_version = 1 WHERE event_id = %s", [newer.pk]
+    )
+    body = verify()
+    assert (body["ok"], body["first_broken_id"]) == (False, newer.pk)
