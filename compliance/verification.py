@@ -7,23 +7,27 @@ latest finished one; the CLI runs the same job inline to print its progress.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import queue
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+
+from django.db import connection, transaction
 
 from bridge.choices import JobStatus
 from bridge.jobs import Progress, start_job
 from bridge.models import Job
-from compliance.audit import AuditContext, record_event
+from compliance.audit import AuditContext, iso, record_event
 from compliance.chain import (
     _EVENT_FIELDS,
     GENESIS_HASH,
     HASH_VERSIONS,
     chain_head,
-    event_hash,
+    row_hasher,
     unsealed_count,
 )
 from compliance.choices import VERIFY_JOB_KIND, AuditAction, VerificationSource
-from compliance.models import AuditSeal, AuditVerification
+from compliance.models import AuditEvent, AuditSeal, AuditVerification
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,110 @@ class ChainCheck:
     reason: str
 
 
+# The columns a verification reads, in this order: the seal's, then the event's.
+_COLUMNS = ("seq", "prev_hash", "hash", "hash_version", *_EVENT_FIELDS)
+_BATCH = 5000
+
+
+def _rows_orm(head_seq: int) -> Iterator[tuple]:
+    """Rows in `_COLUMNS` order through the ORM, `occurred_at` as ISO text (SQLite)."""
+    columns = ("seq", "prev_hash", "hash", "hash_version", *(f"event__{n}" for n in _EVENT_FIELDS))
+    rows = AuditSeal.objects.filter(seq__lte=head_seq).order_by("seq").values_list(*columns)
+    time_at = _COLUMNS.index("occurred_at")
+    for row in rows.iterator(chunk_size=2000):
+        yield (*row[:time_at], iso(row[time_at]), *row[time_at + 1 :])
+
+
+def _postgres_sql() -> str:
+    quote = connection.ops.quote_name
+    seals, events = quote(AuditSeal._meta.db_table), quote(AuditEvent._meta.db_table)
+    selected = [f"s.{quote(name)}" for name in _COLUMNS[:4]]
+    for name in _EVENT_FIELDS:
+        column = f"e.{quote(name)}"
+        if name == "occurred_at":
+            # PostgreSQL writes the time as iso() would (UTC, microseconds): parsing it into a
+            # datetime and formatting it back was a third of the work per event.
+            column = (
+                f"to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US') || '+00:00'"
+            )
+        selected.append(column)
+    # Identifiers from our own models only; the one value is a parameter.
+    return (
+        f"SELECT {', '.join(selected)} FROM {seals} s "  # noqa: S608
+        f"JOIN {events} e ON e.{quote('id')} = s.{quote('event_id')} "
+        f"WHERE s.{quote('seq')} <= %s ORDER BY s.{quote('seq')}"
+    )
+
+
+def _batches(sql: str, head_seq: int, stop: threading.Event) -> Iterator[list[tuple]]:
+    """Batches from a server-side cursor on this thread's connection, in a transaction."""
+    from django.db import connection as own
+
+    with transaction.atomic():
+        own.ensure_connection()
+        with own.connection.cursor(name=f"verify_{threading.get_ident()}") as cursor:
+            cursor.itersize = _BATCH
+            cursor.execute(sql, [head_seq])
+            while not stop.is_set():
+                batch = cursor.fetchmany(_BATCH)
+                if not batch:
+                    return
+                yield batch
+
+
+def _rows_postgres(head_seq: int) -> Iterator[tuple]:
+    """Rows in `_COLUMNS` order from a server-side cursor.
+
+    In a worker (no surrounding transaction) a second thread reads the next batches on its
+    own connection into a short queue while this one hashes: psycopg2 and the server work
+    meanwhile, and reading and hashing overlap. Inside a caller's transaction (whose
+    uncommitted rows another connection could not see) it reads on this thread.
+    """
+    stop = threading.Event()
+    sql = _postgres_sql()
+    if connection.in_atomic_block:
+        for batch in _batches(sql, head_seq, stop):
+            yield from batch
+        return
+    pipe: queue.Queue = queue.Queue(maxsize=4)
+
+    def read() -> None:
+        from django.db import connection as own
+
+        try:
+            for batch in _batches(sql, head_seq, stop):
+                _put(pipe, stop, batch)
+            _put(pipe, stop, None)
+        except BaseException as exc:
+            _put(pipe, stop, exc)
+        finally:
+            own.close()
+
+    reader = threading.Thread(target=read, name="verify-reader", daemon=True)
+    reader.start()
+    try:
+        while True:
+            batch = pipe.get()
+            if batch is None:
+                return
+            if isinstance(batch, BaseException):
+                raise batch
+            yield from batch
+    finally:
+        # A break found, a cancel, an error: the reader stops at its next batch.
+        stop.set()
+        reader.join(timeout=30)
+
+
+def _put(batches: queue.Queue, stop: threading.Event, item: object) -> None:
+    while not stop.is_set():
+        try:
+            batches.put(item, timeout=0.5)
+            return
+        except queue.Full:
+            continue
+
+
 def check_chain(*, on_progress: Callable[[int, int], None] | None = None) -> ChainCheck:
     """Recompute every sealed event's hash and link, in seq order, up to the current head.
 
@@ -49,18 +157,12 @@ def check_chain(*, on_progress: Callable[[int, int], None] | None = None) -> Cha
     head_hash = head.last_hash if head else GENESIS_HASH
     unsealed = unsealed_count()
     expected_seq, prev, checked = 1, GENESIS_HASH, 0
-    columns = (
-        "seq",
-        "prev_hash",
-        "hash",
-        "hash_version",
-        *(f"event__{name}" for name in _EVENT_FIELDS),
-    )
-    rows = AuditSeal.objects.filter(seq__lte=head_seq).order_by("seq").values_list(*columns)
-    for row in rows.iterator(chunk_size=2000):
+    hashers: dict[int, Callable[[tuple], str]] = {}
+    id_at = _COLUMNS.index("id")
+    rows = _rows_postgres(head_seq) if connection.vendor == "postgresql" else _rows_orm(head_seq)
+    for row in rows:
         seq, prev_hash, stored_hash, version = row[:4]
-        fields = dict(zip(_EVENT_FIELDS, row[4:], strict=True))
-        fields.update(seq=seq, prev_hash=prev_hash)
+        event_id = row[id_at]
         if seq != expected_seq:
             # The removed event's seal is still there (its own table, no foreign key): name the
             # event that is gone, not the one after the gap.
@@ -70,21 +172,22 @@ def check_chain(*, on_progress: Callable[[int, int], None] | None = None) -> Cha
                 False,
                 checked,
                 unsealed,
-                gone if gone is not None else fields["id"],
+                gone if gone is not None else event_id,
                 f"event(s) with seq {expected_seq}..{seq - 1} are missing",
             )
         if prev_hash != prev:
             return ChainCheck(
-                False, checked, unsealed, fields["id"], "prev_hash does not match the event before"
+                False, checked, unsealed, event_id, "prev_hash does not match the event before"
             )
-        if version not in HASH_VERSIONS:
-            return ChainCheck(
-                False, checked, unsealed, fields["id"], f"unknown hash_version {version}"
-            )
-        if event_hash(fields, version) != stored_hash:
-            return ChainCheck(
-                False, checked, unsealed, fields["id"], "content does not match its hash"
-            )
+        hasher = hashers.get(version)
+        if hasher is None:
+            if version not in HASH_VERSIONS:
+                return ChainCheck(
+                    False, checked, unsealed, event_id, f"unknown hash_version {version}"
+                )
+            hasher = hashers[version] = row_hasher(version, _COLUMNS)
+        if hasher(row) != stored_hash:
+            return ChainCheck(False, checked, unsealed, event_id, "content does not match its hash")
         prev = stored_hash
         expected_seq += 1
         checked += 1
