@@ -438,8 +438,9 @@ CONTENT_SECURITY_POLICY = {
 # older than this (they beat every few seconds) ...
 HEALTH_HEARTBEAT_MAX_AGE = env_duration("HEALTH_HEARTBEAT_MAX_AGE", "30s")
 # ... and the audit trail once its oldest unsealed event is older than this (or than three
-# AUDIT_SEAL_INTERVALs, if longer): the sealer is behind or stopped.
-AUDIT_UNSEALED_MAX_AGE = env_duration("AUDIT_UNSEALED_MAX_AGE", "60s")
+# AUDIT_SEAL_INTERVALs, if longer): the sealer is behind or stopped. Recorded once per episode
+# as audit.seal_lag.
+AUDIT_SEAL_MAX_LAG = env_duration("AUDIT_SEAL_MAX_LAG", "30s")
 
 LOGGING = {
     "version": 1,

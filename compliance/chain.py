@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from compliance.audit import bulk_insert, canonical_json, iso
+from compliance.audit import AuditContext, bulk_insert, canonical_json, iso, record_event
+from compliance.choices import AuditAction
 from compliance.models import AuditChainHead, AuditEvent, AuditSeal
+
+log = logging.getLogger(__name__)
 
 GENESIS_HASH = "0" * 64
 # How far below the newest sealed id the sealer looks for events that committed late, and how
@@ -199,6 +204,9 @@ def seal_pending_events(*, batch: int | None = None, sweep: bool = False) -> int
         head.last_seq, head.last_hash = seq, prev
         head.last_event_id = max(head.last_event_id or 0, pending[-1][0])
         head.sealed_at = timezone.now()
+        if len(pending) < limit:
+            # Caught up: a lag episode, if one was reported, is over.
+            head.lag_reported_at = None
         head.save()
     return len(pending)
 
@@ -208,6 +216,66 @@ def seal_all_pending(*, sweep: bool = False) -> int:
     while sealed := seal_pending_events(sweep=sweep):
         total += sealed
     return total
+
+
+def seal_lag_limit() -> timedelta:
+    """AUDIT_SEAL_MAX_LAG, but never less than three sealer intervals."""
+    return max(settings.AUDIT_SEAL_MAX_LAG, timedelta(seconds=3 * settings.AUDIT_SEAL_INTERVAL))
+
+
+def oldest_unsealed_age() -> timedelta | None:
+    """Age of the oldest event above the chain head (None: all sealed).
+
+    New events are the primary-key range above the head's last sealed id, so this is one
+    index lookup at any table size. Its lowest id stands for the oldest: ids and times are
+    assigned together, give or take a commit.
+    """
+    head = AuditChainHead.objects.filter(pk=1).values_list("last_event_id", flat=True).first()
+    oldest = (
+        AuditEvent.objects.filter(id__gt=head or 0)
+        .order_by("id")
+        .values_list("occurred_at", flat=True)
+        .first()
+    )
+    return None if oldest is None else max(timedelta(0), timezone.now() - oldest)
+
+
+def note_seal_lag(age: timedelta) -> bool:
+    """Record `audit.seal_lag` once per episode of sealing lagging behind; True if recorded.
+
+    Whoever notices first (a readiness probe, the dashboard) records it: the flag on the head
+    is set by a compare-and-swap, so many probes at once still make one event. The sealer
+    clears the flag once it has caught up, which ends the episode. Events not yet sealed (and
+    later checkpointed) are not yet protected: this is when that window grows.
+    """
+    with transaction.atomic():
+        # The head exists from the first migration on; a database emptied since (a test
+        # flush) gets it back, or nobody could ever claim the episode.
+        AuditChainHead.objects.bulk_create(
+            [AuditChainHead(pk=1, last_seq=0, last_hash=GENESIS_HASH)], ignore_conflicts=True
+        )
+        claimed = AuditChainHead.objects.filter(pk=1, lag_reported_at__isnull=True).update(
+            lag_reported_at=timezone.now()
+        )
+        if not claimed:
+            return False
+        limit = seal_lag_limit()
+        record_event(
+            action=AuditAction.SEAL_LAG,
+            context=AuditContext.system(),
+            object_type="compliance.auditchainhead",
+            object_id=1,
+            details={
+                "oldest_unsealed_seconds": round(age.total_seconds(), 1),
+                "limit_seconds": limit.total_seconds(),
+            },
+        )
+    log.error(
+        "AUDIT SEALING LAGS: the oldest unsealed event is %.0f s old (limit %.0f s)",
+        age.total_seconds(),
+        seal_lag_limit().total_seconds(),
+    )
+    return True
 
 
 def unsealed_count() -> int:

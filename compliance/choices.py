@@ -17,6 +17,7 @@ class AuditAction(models.TextChoices):
     ADMIN_REQUEST = "admin.request", "Admin form or action sent"
     AUDIT_VERIFIED = "audit.verified", "Audit chain verified"
     AUDIT_BROKEN = "audit.broken", "Audit chain broken"
+    SEAL_LAG = "audit.seal_lag", "Audit sealing lags behind"
     ADMIN_ACCOUNT = "admin.account", "Admin account ensured"
     JOB_REQUESTED = "job.requested", "Job requested"
     JOB_SUCCEEDED = "job.succeeded", "Job succeeded"

@@ -109,6 +109,8 @@ class AuditChainHead(models.Model):
     last_event_id = models.BigIntegerField(null=True, blank=True)
     sealed_at = models.DateTimeField(null=True, blank=True)
     stragglers_checked_at = models.DateTimeField(null=True, blank=True)
+    # Set when sealing was reported lagging (audit.seal_lag), cleared once it caught up.
+    lag_reported_at = models.DateTimeField(null=True, blank=True)
 
     def __str__(self) -> str:
         return f"audit chain head at seq {self.last_seq}"

@@ -13,7 +13,12 @@ from django.utils import timezone
 
 from bridge.choices import JobStatus
 from bridge.panels import Bar, Chart, Figure, Link, PanelContent, age, register_panel, utc, worst
-from compliance.chain import chain_head, total_event_count
+from compliance.chain import (
+    chain_head,
+    oldest_unsealed_age,
+    seal_lag_limit,
+    total_event_count,
+)
 from compliance.models import AuditEvent
 from compliance.verification import latest_verification
 
@@ -33,24 +38,6 @@ def hourly_bars(hours: int = 24) -> list[Bar]:
     return [Bar(moment.strftime("%H:00"), counts.get(moment, 0)) for moment in moments]
 
 
-def _oldest_unsealed_age(last_sealed_id: int) -> timedelta | None:
-    # Events above the head's last sealed id are a primary-key range: one index lookup.
-    oldest = (
-        AuditEvent.objects.filter(id__gt=last_sealed_id)
-        .order_by("id")
-        .values_list("occurred_at", flat=True)
-        .first()
-    )
-    return None if oldest is None else max(timedelta(0), timezone.now() - oldest)
-
-
-def _unsealed_limit() -> timedelta:
-    # The readiness probe's rule: the sealer is behind once the oldest unsealed event is older
-    # than AUDIT_UNSEALED_MAX_AGE (and never less than three sealer intervals).
-    configured = getattr(settings, "AUDIT_UNSEALED_MAX_AGE", timedelta(seconds=60))
-    return max(configured, timedelta(seconds=3 * settings.AUDIT_SEAL_INTERVAL))
-
-
 @register_panel(
     "compliance",
     title="Compliance · audit trail",
@@ -62,8 +49,8 @@ def audit_panel(request: HttpRequest) -> PanelContent:
     total = total_event_count()
     sealed = head.last_seq if head else 0
     waiting = max(0, total - sealed)
-    oldest = _oldest_unsealed_age((head.last_event_id or 0) if head else 0)
-    behind = oldest is not None and oldest > _unsealed_limit()
+    oldest = oldest_unsealed_age()
+    behind = oldest is not None and oldest > seal_lag_limit()
 
     run = latest_verification()
     if run is None:

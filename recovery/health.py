@@ -30,7 +30,6 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 from celery.signals import beat_init, heartbeat_sent, worker_ready
@@ -166,37 +165,18 @@ def _heartbeat_check(role: str) -> tuple[bool, str]:
     return True, f"last heartbeat {_seconds(age)} ago"
 
 
-def unsealed_age_limit() -> timedelta:
-    """AUDIT_UNSEALED_MAX_AGE, but never less than three sealer intervals."""
-    interval = timedelta(seconds=3 * settings.AUDIT_SEAL_INTERVAL)
-    return max(settings.AUDIT_UNSEALED_MAX_AGE, interval)
-
-
-def oldest_unsealed_age() -> timedelta | None:
-    """Age of the oldest event above the chain head (None: all sealed).
-
-    New events are the primary-key range above the head's last sealed id, so this is one
-    index lookup at any table size. Its lowest id stands for the oldest: ids and times are
-    assigned together, give or take a commit.
-    """
-    from compliance.models import AuditChainHead, AuditEvent
-
-    head = AuditChainHead.objects.filter(pk=1).values_list("last_event_id", flat=True).first()
-    oldest = (
-        AuditEvent.objects.filter(id__gt=head or 0)
-        .order_by("id")
-        .values_list("occurred_at", flat=True)
-        .first()
-    )
-    return None if oldest is None else max(timedelta(0), timezone.now() - oldest)
-
-
 def _audit_check() -> tuple[bool, str]:
-    age, limit = oldest_unsealed_age(), unsealed_age_limit()
+    from compliance import chain
+
+    age, limit = chain.oldest_unsealed_age(), chain.seal_lag_limit()
     if age is None:
         return True, "every event is sealed"
     seconds, limit_seconds = age.total_seconds(), limit.total_seconds()
     if age > limit:
+        try:
+            chain.note_seal_lag(age)
+        except Exception:
+            log.exception("could not record the sealing lag")
         return False, (
             f"oldest unsealed event is {_seconds(seconds)} old "
             f"(limit {_seconds(limit_seconds)}): the sealer is behind or stopped"

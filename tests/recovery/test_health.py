@@ -222,7 +222,7 @@ def test_ready_probe_names_an_unreachable_cache_without_revealing_its_url(anon_a
 
 
 @pytest.mark.django_db(transaction=True)
-@override_settings(AUDIT_UNSEALED_MAX_AGE=timedelta(seconds=60), AUDIT_SEAL_INTERVAL=1)
+@override_settings(AUDIT_SEAL_MAX_LAG=timedelta(seconds=60), AUDIT_SEAL_INTERVAL=1)
 def test_an_event_waiting_for_its_seal_too_long_degrades_readiness(anon_api, beating):
     # given an event recorded 90 s ago that the sealer never linked
     head = AuditChainHead.objects.filter(pk=1).first()
@@ -247,9 +247,9 @@ def test_recent_unsealed_events_keep_the_audit_check_ok(anon_api, beating):
     assert body["checks"]["audit"]["detail"].startswith("oldest unsealed event is")
 
 
-@override_settings(AUDIT_UNSEALED_MAX_AGE=timedelta(seconds=60), AUDIT_SEAL_INTERVAL=300)
-def test_the_unsealed_age_limit_is_never_shorter_than_three_seal_intervals():
-    assert health.unsealed_age_limit() == timedelta(seconds=900)
+@override_settings(AUDIT_SEAL_MAX_LAG=timedelta(seconds=60), AUDIT_SEAL_INTERVAL=300)
+def test_the_seal_lag_limit_is_never_shorter_than_three_seal_intervals():
+    assert chain.seal_lag_limit() == timedelta(seconds=900)
 
 
 @pytest.mark.django_db
@@ -454,3 +454,34 @@ def test_probes_arriving_together_share_each_check_and_all_answer_ok(beating):
         statuses = list(pool.map(probe, range(6)))
     # then none of them reports a healthy dependency as timed out
     assert statuses == [200] * 6
+
+
+@pytest.mark.django_db(transaction=True)
+@override_settings(AUDIT_SEAL_MAX_LAG=timedelta(seconds=30), AUDIT_SEAL_INTERVAL=1)
+def test_a_sealing_lag_is_recorded_once_per_episode_however_many_probes_see_it(anon_api, beating):
+    def stuck(seconds: int) -> AuditEvent:
+        return AuditEvent.objects.create(
+            occurred_at=timezone.now() - timedelta(seconds=seconds), action="custom.stuck"
+        )
+
+    def lag_events() -> int:
+        return AuditEvent.objects.filter(action="audit.seal_lag").count()
+
+    # given an event the sealer has not linked for 45 s (the limit is 30)
+    stuck(45)
+    # when three probes look
+    for _ in range(3):
+        body = anon_api.get(READY).json()
+        assert "audit" in body["degraded"]
+    # then the lag is recorded once, with its figures
+    assert lag_events() == 1
+    event = AuditEvent.objects.get(action="audit.seal_lag")
+    assert event.details_data["limit_seconds"] == 30.0
+    assert event.details_data["oldest_unsealed_seconds"] >= 45
+    # when the sealer catches up, the episode ends; a new lag is a new episode
+    chain.seal_all_pending()
+    assert AuditChainHead.objects.get(pk=1).lag_reported_at is None
+    assert anon_api.get(READY).json()["checks"]["audit"]["ok"] is True
+    stuck(40)
+    anon_api.get(READY)
+    assert lag_events() == 2
