@@ -4,15 +4,14 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('compliance', '0005_seal_hash_version'),
+        ("compliance", "0005_seal_hash_version"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='auditchainhead',
-            name='lag_reported_at',
+            model_name="auditchainhead",
+            name="lag_reported_at",
             field=models.DateTimeField(blank=True, null=True),
         ),
     ]
