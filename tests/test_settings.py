@@ -22,14 +22,20 @@ LOAD_SETTINGS = (
 GOOD_KEY = "k" * 40
 
 
-def load_settings(var_dir: Path, **env: str) -> subprocess.CompletedProcess:
-    """Import the settings in a fresh interpreter that sees only `env` (plus PATH and HOME)."""
+def load_settings(var_dir: Path, show: str = "", **env: str) -> subprocess.CompletedProcess:
+    """Import the settings in a fresh interpreter that sees only `env` (plus PATH and HOME);
+    with `show`, that setting is printed."""
     clean = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "BRIDGE_VAR_DIR": str(var_dir)}
     if "HOME" in os.environ:
         clean["HOME"] = os.environ["HOME"]
     clean.update(env)
     return subprocess.run(
-        [sys.executable, "-c", LOAD_SETTINGS],
+        [
+            sys.executable,
+            "-c",
+            LOAD_SETTINGS
+            + (f"; from django.conf import settings; print(settings.{show})" if show else ""),
+        ],
         cwd=ROOT,
         env=clean,
         capture_output=True,

@@ -3,12 +3,11 @@ back for JWT_REFRESH_REUSE_GRACE after the rotation; everything else stays reuse
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from django.db import connection, transaction
@@ -20,7 +19,8 @@ from rest_framework_simplejwt.state import token_backend
 from compliance.models import AuditEvent
 from security import services
 from security.models import TokenFamily, User
-from tests.conftest import ROOT, login
+from tests.conftest import login
+from tests.test_settings import load_settings
 
 REFRESH = "/api/security/auth/refresh"
 SCHEMA = "/api/schema/"
@@ -200,27 +200,9 @@ def _wait_until_blocked_on_locks(count: int, timeout: float = 30) -> None:
     raise AssertionError(f"{count} sessions never queued on the family lock")
 
 
-def _grace_in_a_fresh_process(var_dir: object, raw: str) -> subprocess.CompletedProcess:
+def _grace_in_a_fresh_process(var_dir: Path, raw: str) -> subprocess.CompletedProcess:
     """Start Django with JWT_REFRESH_REUSE_GRACE=raw and print the setting it read."""
-    return subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import os, django; os.environ['DJANGO_SETTINGS_MODULE'] = 'bridge.settings'; "
-            "django.setup(); from django.conf import settings; "
-            "print(settings.JWT_REFRESH_REUSE_GRACE)",
-        ],
-        cwd=ROOT,
-        env={
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "BRIDGE_VAR_DIR": str(var_dir),
-            "JWT_REFRESH_REUSE_GRACE": raw,
-        },
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return load_settings(var_dir, show="JWT_REFRESH_REUSE_GRACE", JWT_REFRESH_REUSE_GRACE=raw)
 
 
 @pytest.mark.parametrize(
