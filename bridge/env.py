@@ -6,6 +6,7 @@ mounted file (Docker/Kubernetes secrets) instead of the process environment.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from datetime import timedelta
@@ -77,3 +78,17 @@ def env_duration(name: str, default: str) -> timedelta:
 
 def env_list(name: str, default: str = "") -> list[str]:
     return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
+
+
+def env_json(name: str, default: dict) -> dict:
+    """A JSON object from the variable or from the file NAME_FILE names (it may hold secrets)."""
+    raw = env_str(name)
+    if not raw.strip():
+        return dict(default)
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name}: not valid JSON ({exc.args[0]})") from exc
+    if not isinstance(value, dict):
+        raise ImproperlyConfigured(f"{name}: expected a JSON object")
+    return value

@@ -8,13 +8,14 @@ README's configuration table lists every variable.
 from __future__ import annotations
 
 import ipaddress
+import os
 import secrets
 from pathlib import Path
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from bridge.env import env_bool, env_duration, env_int, env_list, env_str
+from bridge.env import env_bool, env_duration, env_int, env_json, env_list, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("BRIDGE_VAR_DIR", str(BASE_DIR / "var")))
@@ -297,6 +298,29 @@ AUDIT_SEAL_INTERVAL = env_int("AUDIT_SEAL_INTERVAL", 1, minimum=1)
 AUDIT_SEAL_BATCH = env_int("AUDIT_SEAL_BATCH", 5000, minimum=1)
 # Request events of concurrent requests share one INSERT and one commit (compliance/writer.py).
 AUDIT_GROUP_COMMIT = env_bool("AUDIT_GROUP_COMMIT", True)
+# Signed checkpoints (compliance/checkpoints.py). The Ed25519 key that signs them is a file
+# outside the database; production refuses to start without one (a key Bridge generated for
+# itself next to its data would prove little), development generates one under var/keys/.
+_audit_key_file = os.environ.get("AUDIT_SIGNING_KEY_FILE", "").strip()
+if PRODUCTION and ENABLE_AUDIT_LOGGING and not _audit_key_file:
+    raise ImproperlyConfigured(
+        "AUDIT_SIGNING_KEY_FILE is not set: in production the audit checkpoints must be signed "
+        "with a key kept outside the database (python manage.py rotate_audit_key --new-key-file "
+        "PATH writes one)"
+    )
+AUDIT_SIGNING_KEY_FILE = (
+    Path(_audit_key_file) if _audit_key_file else VAR_DIR / "keys" / "audit_signing_key.pem"
+)
+AUDIT_CHECKPOINT_INTERVAL = env_int("AUDIT_CHECKPOINT_INTERVAL", 60, minimum=5)
+# How many hashes inside its range a checkpoint signs besides its last: a rewrite is then
+# named to the exact seq, or to within range/AUDIT_CHECKPOINT_WAYPOINTS events of it.
+AUDIT_CHECKPOINT_WAYPOINTS = env_int("AUDIT_CHECKPOINT_WAYPOINTS", 32, minimum=1)
+# The default sink: an append-only directory of JSON lines, one file per day. Put it on
+# another disk or host (an NFS mount, a WORM volume) than the database.
+AUDIT_CHECKPOINT_DIR = Path(env_str("AUDIT_CHECKPOINT_DIR", str(VAR_DIR / "audit-checkpoints")))
+# More sinks: django-storages targets, as a JSON object of STORAGES entries by name, e.g.
+# {"offsite": {"BACKEND": "storages.backends.s3.S3Storage", "OPTIONS": {...}}} (or _FILE).
+AUDIT_CHECKPOINT_STORAGES = env_json("AUDIT_CHECKPOINT_STORAGES", {})
 
 # --- Jobs -------------------------------------------------------------------------------
 # A running job reports progress (its heartbeat) at least this often, or the reaper fails it as
@@ -362,6 +386,11 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": 3600.0,
         "kwargs": {"sweep": True},
     },
+    "checkpoint-audit-chain": {
+        "task": "compliance.tasks.checkpoint_audit_chain_task",
+        "schedule": float(AUDIT_CHECKPOINT_INTERVAL),
+        "options": {"expire_seconds": AUDIT_CHECKPOINT_INTERVAL},
+    },
     "verify-audit-chain": {
         "task": "compliance.tasks.scheduled_verification_task",
         "schedule": float(AUDIT_VERIFY_INTERVAL),
@@ -384,6 +413,7 @@ STATIC_ROOT.mkdir(exist_ok=True)
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+    **{f"audit_checkpoints_{name}": spec for name, spec in AUDIT_CHECKPOINT_STORAGES.items()},
 }
 WHITENOISE_USE_FINDERS = DEBUG
 

@@ -9,7 +9,6 @@ HttpRequest, so services, Celery tasks and commands record events the same way.
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
@@ -21,6 +20,7 @@ from django.http import HttpRequest
 from django.utils import timezone
 
 from compliance.models import AuditEvent
+from compliance.proof import canonical_json
 from compliance.redaction import redact
 from security.ip import client_ip
 
@@ -93,12 +93,6 @@ class AuditContext:
 def _clean_text(value: str | None, limit: int) -> str:
     # PostgreSQL text refuses NUL; a path or username is never legitimately longer than limit.
     return (value or "").replace("\x00", "\\x00")[:limit]
-
-
-def canonical_json(value: Any) -> str:
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    )
 
 
 def iso(moment: datetime) -> str:

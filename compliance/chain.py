@@ -8,9 +8,7 @@ never fork.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import math
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -19,46 +17,25 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from compliance.audit import AuditContext, bulk_insert, canonical_json, iso, record_event
+from compliance import proof
+from compliance.audit import AuditContext, bulk_insert, iso, record_event
 from compliance.choices import AuditAction
 from compliance.models import AuditChainHead, AuditEvent, AuditSeal
 
 log = logging.getLogger(__name__)
 
-GENESIS_HASH = "0" * 64
+# The hashing itself lives in compliance.proof (no Django), shared with the offline verifier.
+GENESIS_HASH = proof.GENESIS_HASH
+HASH_VERSIONS = proof.HASH_VERSIONS
+CURRENT_HASH_VERSION = proof.CURRENT_HASH_VERSION
+UnknownHashVersion = proof.UnknownHashVersion
+canonical_json = proof.canonical_json
+_EVENT_FIELDS = proof.EVENT_FIELDS
+
 # How far below the newest sealed id the sealer looks for events that committed late, and how
 # often (an anti-join over that window: cheap once a minute, wasteful on every run).
 STRAGGLER_WINDOW = 100_000
 STRAGGLER_CHECK_SECONDS = 60
-_HASHED_FIELDS = (
-    "id",
-    "seq",
-    "occurred_at",
-    "actor_id",
-    "actor_username",
-    "client_ip",
-    "request_id",
-    "action",
-    "object_type",
-    "object_id",
-    "method",
-    "path",
-    "status_code",
-    "latency_ms",
-    "details",
-    "prev_hash",
-)
-# The fields each hash version covers. A later version (the compliance issue will move personal
-# data out of the hashed fields) is added here; every seal keeps the version it was made with,
-# and verification recomputes each seal with its own, so old seals stay valid.
-HASH_VERSIONS: dict[int, tuple[str, ...]] = {1: _HASHED_FIELDS}
-CURRENT_HASH_VERSION = 1
-# Every column any version hashes, read once per event.
-_EVENT_FIELDS = tuple(name for name in _HASHED_FIELDS if name not in ("seq", "prev_hash"))
-
-
-class UnknownHashVersion(ValueError):
-    """A seal names a hash version this code does not know (forged, or from newer code)."""
 
 
 def event_hash(fields: dict[str, Any], version: int = CURRENT_HASH_VERSION) -> str:
@@ -75,66 +52,9 @@ def event_hash(fields: dict[str, Any], version: int = CURRENT_HASH_VERSION) -> s
     return hashlib.sha256(canonical_json(payload).encode("utf-8")).hexdigest()
 
 
-_encode_text = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) uses
-
-
-def _json_value(value: Any) -> str:
-    # The canonical_json spelling of one value of an event row (str, int, float or None).
-    if value is None:
-        return "null"
-    if isinstance(value, str):
-        return _encode_text(value)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return int.__repr__(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"{value!r} is not JSON")
-        return float.__repr__(value)
-    raise TypeError(f"{type(value).__name__} in an audit row")
-
-
-def row_canonical(version: int, columns: tuple[str, ...]) -> Callable[[tuple], str]:
-    """A function giving the canonical JSON `event_hash` hashes, for a row in `columns` order.
-
-    `occurred_at` must already be ISO text in UTC (`iso()`, or PostgreSQL's `to_char`, see
-    verification). The same text as `event_hash` builds (a test holds them equal on generated
-    rows): it is joined from precomputed key prefixes in sorted order, instead of building,
-    sorting and encoding a dict for each of a million events.
-    """
-    names = HASH_VERSIONS.get(version)
-    if names is None:
-        raise UnknownHashVersion(version)
-    keys = sorted([*names, "hash_version"] if version > 1 else names)
-    position = {name: index for index, name in enumerate(columns)}
-    prefixes = [("{" if n == 0 else ",") + _encode_text(key) + ":" for n, key in enumerate(keys)]
-    steps = list(zip(prefixes, [position.get(key, -1) for key in keys], strict=True))
-    time_at = position["occurred_at"]
-    version_text = str(version)
-    value_text = _json_value
-
-    def canonical(row: tuple) -> str:
-        parts = []
-        append = parts.append
-        for prefix, index in steps:
-            append(prefix)
-            if index == time_at:
-                append('"' + row[index] + '"')
-            elif index < 0:
-                append(version_text)
-            else:
-                append(value_text(row[index]))
-        append("}")
-        return "".join(parts)
-
-    return canonical
-
-
 def row_hasher(version: int, columns: tuple[str, ...]) -> Callable[[tuple], str]:
-    """`event_hash` of a row in `columns` order (see `row_canonical`), for verification."""
-    canonical, sha256 = row_canonical(version, columns), hashlib.sha256
-    return lambda row: sha256(canonical(row).encode("utf-8")).hexdigest()
+    """`event_hash` of a row in `columns` order (see `compliance.proof.row_canonical`)."""
+    return proof.row_hasher(version, columns)
 
 
 def chain_head() -> AuditChainHead | None:

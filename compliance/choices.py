@@ -18,6 +18,14 @@ class AuditAction(models.TextChoices):
     AUDIT_VERIFIED = "audit.verified", "Audit chain verified"
     AUDIT_BROKEN = "audit.broken", "Audit chain broken"
     SEAL_LAG = "audit.seal_lag", "Audit sealing lags behind"
+    CHECKPOINT_FAILED = "audit.checkpoint_failed", "Audit checkpoint not written to a sink"
+    CHECKPOINT_REFUSED = "audit.checkpoint_refused", "Audit checkpoint refused (bad signature)"
+    CHECKPOINT_NOT_SIGNED = (
+        "audit.checkpoint_not_signed",
+        "Audit checkpoint not signed: chain broken",
+    )
+    AUDIT_EXPORTED = "audit.exported", "Audit trail exported"
+    SIGNING_KEY_ROTATED = "security.signing_key_rotated", "Signing key rotated"
     ADMIN_ACCOUNT = "admin.account", "Admin account ensured"
     JOB_REQUESTED = "job.requested", "Job requested"
     JOB_SUCCEEDED = "job.succeeded", "Job succeeded"
@@ -37,3 +45,11 @@ class VerificationSource(models.TextChoices):
     CLI = "cli", "Command line"
     ADMIN = "admin", "Admin console"
     SCHEDULE = "schedule", "Schedule"
+
+
+class CheckpointStatus(models.TextChoices):
+    """Where a checkpoint stands: it counts once every sink holds it."""
+
+    PENDING = "pending", "Pending (not yet in every sink)"
+    PUBLISHED = "published", "Published to every sink"
+    REFUSED = "refused", "Refused (its signature does not verify)"

@@ -5,7 +5,7 @@ from django.db import models
 
 from bridge.choices import JobStatus
 from bridge.models import Job
-from compliance.choices import VERIFY_JOB_KIND
+from compliance.choices import VERIFY_JOB_KIND, CheckpointStatus
 
 
 class AuditEvent(models.Model):
@@ -166,3 +166,36 @@ class AuditVerification(Job):
     @property
     def source(self) -> str:
         return self.params.get("source", "")
+
+
+class AuditCheckpoint(models.Model):
+    """A signed statement of the chain's state (seq, hash, hashes at waypoints), kept in the
+    checkpoint sinks outside the database; this row is Bridge's own copy and its publishing
+    state. Verification trusts the sinks' copies, never this row alone: an insider can write
+    here."""
+
+    number = models.PositiveBigIntegerField(unique=True)
+    seq = models.BigIntegerField()
+    hash = models.CharField(max_length=64)
+    created_at = models.DateTimeField()
+    key_id = models.CharField(max_length=40)
+    signature = models.CharField(max_length=100)
+    # The record exactly as signed and written to the sinks (canonical JSON).
+    record = models.TextField()
+    status = models.CharField(
+        max_length=16, choices=CheckpointStatus.choices, default=CheckpointStatus.PENDING
+    )
+    sinks_written = models.JSONField(default=list, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(blank=True)
+    published_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-number"]
+
+    def __str__(self) -> str:
+        return f"checkpoint #{self.number} at seq {self.seq}"
+
+    @property
+    def record_data(self) -> dict:
+        return json.loads(self.record)

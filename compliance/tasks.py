@@ -1,7 +1,7 @@
 from celery import shared_task
 
 from bridge.jobs import job_task, run_job
-from compliance import chain, verification
+from compliance import chain, checkpoints, verification
 from compliance.audit import AuditContext
 from compliance.choices import VERIFY_JOB_KIND, VerificationSource
 
@@ -29,3 +29,13 @@ def scheduled_verification_task() -> None:
     verification.start_verification(
         context=AuditContext.system(), source=VerificationSource.SCHEDULE
     )
+
+
+@shared_task
+def checkpoint_audit_chain_task() -> int | None:
+    # A sink that failed is retried here, every AUDIT_CHECKPOINT_INTERVAL.
+    try:
+        made = checkpoints.make_checkpoint()
+    except checkpoints.CheckpointRefused:
+        return None  # recorded and logged; verification names the damage
+    return made.number if made else None

@@ -10,7 +10,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from django.db import connection, transaction
 
@@ -18,16 +18,11 @@ from bridge.choices import JobStatus
 from bridge.jobs import Progress, start_job
 from bridge.models import Job
 from compliance.audit import AuditContext, iso, record_event
-from compliance.chain import (
-    _EVENT_FIELDS,
-    GENESIS_HASH,
-    HASH_VERSIONS,
-    chain_head,
-    row_hasher,
-    unsealed_count,
-)
+from compliance.chain import _EVENT_FIELDS, GENESIS_HASH, chain_head, unsealed_count
+from compliance.checkpoints import CheckpointRefused, make_checkpoint, review_checkpoints
 from compliance.choices import VERIFY_JOB_KIND, AuditAction, VerificationSource
 from compliance.models import AuditEvent, AuditSeal, AuditVerification
+from compliance.proof import ROW_COLUMNS, ChainWalker, Problem
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +36,23 @@ class ChainCheck:
     unsealed: int
     first_broken_id: int | None
     reason: str
+    # The first seq found wrong and the checkpoint that proves it, where there is one.
+    first_broken_seq: int | None = None
+    checkpoint: int | None = None
+    checkpoints: int = 0
+    checkpoint_problems: tuple[str, ...] = ()
 
 
 # The columns a verification reads, in this order: the seal's, then the event's.
-_COLUMNS = ("seq", "prev_hash", "hash", "hash_version", *_EVENT_FIELDS)
+_COLUMNS = ROW_COLUMNS
 _BATCH = 5000
 
 
-def _rows_orm(head_seq: int) -> Iterator[tuple]:
+def _rows_orm(head_seq: int, after_seq: int) -> Iterator[tuple]:
     """Rows in `_COLUMNS` order through the ORM, `occurred_at` as ISO text (SQLite)."""
     columns = ("seq", "prev_hash", "hash", "hash_version", *(f"event__{n}" for n in _EVENT_FIELDS))
-    rows = AuditSeal.objects.filter(seq__lte=head_seq).order_by("seq").values_list(*columns)
+    rows = AuditSeal.objects.filter(seq__gt=after_seq, seq__lte=head_seq)
+    rows = rows.order_by("seq").values_list(*columns)
     time_at = _COLUMNS.index("occurred_at")
     for row in rows.iterator(chunk_size=2000):
         yield (*row[:time_at], iso(row[time_at]), *row[time_at + 1 :])
@@ -74,11 +75,11 @@ def _postgres_sql() -> str:
     return (
         f"SELECT {', '.join(selected)} FROM {seals} s "  # noqa: S608
         f"JOIN {events} e ON e.{quote('id')} = s.{quote('event_id')} "
-        f"WHERE s.{quote('seq')} <= %s ORDER BY s.{quote('seq')}"
+        f"WHERE s.{quote('seq')} > %s AND s.{quote('seq')} <= %s ORDER BY s.{quote('seq')}"
     )
 
 
-def _batches(sql: str, head_seq: int, stop: threading.Event) -> Iterator[list[tuple]]:
+def _batches(sql: str, bounds: list[int], stop: threading.Event) -> Iterator[list[tuple]]:
     """Batches from a server-side cursor on this thread's connection, in a transaction."""
     from django.db import connection as own
 
@@ -86,7 +87,7 @@ def _batches(sql: str, head_seq: int, stop: threading.Event) -> Iterator[list[tu
         own.ensure_connection()
         with own.connection.cursor(name=f"verify_{threading.get_ident()}") as cursor:
             cursor.itersize = _BATCH
-            cursor.execute(sql, [head_seq])
+            cursor.execute(sql, bounds)
             while not stop.is_set():
                 batch = cursor.fetchmany(_BATCH)
                 if not batch:
@@ -94,7 +95,7 @@ def _batches(sql: str, head_seq: int, stop: threading.Event) -> Iterator[list[tu
                 yield batch
 
 
-def _rows_postgres(head_seq: int) -> Iterator[tuple]:
+def _rows_postgres(head_seq: int, after_seq: int) -> Iterator[tuple]:
     """Rows in `_COLUMNS` order from a server-side cursor.
 
     In a worker (no surrounding transaction) a second thread reads the next batches on its
@@ -104,8 +105,9 @@ def _rows_postgres(head_seq: int) -> Iterator[tuple]:
     """
     stop = threading.Event()
     sql = _postgres_sql()
+    bounds = [after_seq, head_seq]
     if connection.in_atomic_block:
-        for batch in _batches(sql, head_seq, stop):
+        for batch in _batches(sql, bounds, stop):
             yield from batch
         return
     pipe: queue.Queue = queue.Queue(maxsize=4)
@@ -114,7 +116,7 @@ def _rows_postgres(head_seq: int) -> Iterator[tuple]:
         from django.db import connection as own
 
         try:
-            for batch in _batches(sql, head_seq, stop):
+            for batch in _batches(sql, bounds, stop):
                 _put(pipe, stop, batch)
             _put(pipe, stop, None)
         except BaseException as exc:
@@ -147,8 +149,16 @@ def _put(batches: queue.Queue, stop: threading.Event, item: object) -> None:
             continue
 
 
+def chain_rows(head_seq: int, *, after_seq: int = 0) -> Iterator[tuple]:
+    """Sealed rows with seq in (after_seq, head_seq], in `ROW_COLUMNS` order, seq ascending."""
+    if connection.vendor == "postgresql":
+        return _rows_postgres(head_seq, after_seq)
+    return _rows_orm(head_seq, after_seq)
+
+
 def check_chain(*, on_progress: Callable[[int, int], None] | None = None) -> ChainCheck:
-    """Recompute every sealed event's hash and link, in seq order, up to the current head.
+    """Recompute every sealed event's hash and link, in seq order, up to the current head, and
+    hold the chain to every signed checkpoint found in the sinks (`compliance.proof`).
 
     `on_progress(checked, total)` is called every PROGRESS_EVERY events.
     """
@@ -156,52 +166,45 @@ def check_chain(*, on_progress: Callable[[int, int], None] | None = None) -> Cha
     head_seq = head.last_seq if head else 0
     head_hash = head.last_hash if head else GENESIS_HASH
     unsealed = unsealed_count()
-    expected_seq, prev, checked = 1, GENESIS_HASH, 0
-    hashers: dict[int, Callable[[tuple], str]] = {}
-    id_at = _COLUMNS.index("id")
-    rows = _rows_postgres(head_seq) if connection.vendor == "postgresql" else _rows_orm(head_seq)
-    for row in rows:
-        seq, prev_hash, stored_hash, version = row[:4]
-        event_id = row[id_at]
-        if seq != expected_seq:
-            # The removed event's seal is still there (its own table, no foreign key): name the
-            # event that is gone, not the one after the gap.
-            seals = AuditSeal.objects.filter(seq=expected_seq)
-            gone = seals.values_list("event_id", flat=True).first()
-            return ChainCheck(
-                False,
-                checked,
-                unsealed,
-                gone if gone is not None else event_id,
-                f"event(s) with seq {expected_seq}..{seq - 1} are missing",
+    review = review_checkpoints()
+    walker = ChainWalker(review.anchors())
+    problem = None
+    for row in chain_rows(head_seq):
+        problem = walker.feed(row)
+        if problem is not None:
+            break
+        if on_progress and walker.checked % PROGRESS_EVERY == 0:
+            on_progress(walker.checked, head_seq)
+    else:
+        problem = walker.finish()
+        if problem is None and (walker.last_seq != head_seq or walker.last_hash != head_hash):
+            problem = Problem(
+                f"the chain ends at seq {walker.last_seq} but its head records seq {head_seq}",
+                seq=(walker.last_seq or 0) + 1,
+                event_id=head.last_event_id if head else None,
             )
-        if prev_hash != prev:
-            return ChainCheck(
-                False, checked, unsealed, event_id, "prev_hash does not match the event before"
-            )
-        hasher = hashers.get(version)
-        if hasher is None:
-            if version not in HASH_VERSIONS:
-                return ChainCheck(
-                    False, checked, unsealed, event_id, f"unknown hash_version {version}"
-                )
-            hasher = hashers[version] = row_hasher(version, _COLUMNS)
-        if hasher(row) != stored_hash:
-            return ChainCheck(False, checked, unsealed, event_id, "content does not match its hash")
-        prev = stored_hash
-        expected_seq += 1
-        checked += 1
-        if on_progress and checked % PROGRESS_EVERY == 0:
-            on_progress(checked, head_seq)
-    if checked != head_seq or prev != head_hash:
-        return ChainCheck(
-            False,
-            checked,
-            unsealed,
-            head.last_event_id if head else None,
-            f"the chain ends at seq {checked} but its head records seq {head_seq}",
-        )
-    return ChainCheck(True, checked, unsealed, None, "")
+    if problem is not None and problem.reason.startswith("event(s) with seq"):
+        # The removed event's seal is still there (its own table, no foreign key): name the
+        # event that is gone, not the one after the gap.
+        gone = AuditSeal.objects.filter(seq=problem.seq).values_list("event_id", flat=True).first()
+        if gone is not None:
+            problem = replace(problem, event_id=gone)
+    checkpoint_problems = tuple(item.reason for item in review.problems)
+    if problem is None and review.problems:
+        problem = review.problems[0]
+    if problem is None:
+        return ChainCheck(True, walker.checked, unsealed, None, "", checkpoints=review.count)
+    return ChainCheck(
+        False,
+        walker.checked,
+        unsealed,
+        problem.event_id,
+        problem.reason,
+        first_broken_seq=problem.seq,
+        checkpoint=problem.checkpoint,
+        checkpoints=review.count,
+        checkpoint_problems=checkpoint_problems[:20],
+    )
 
 
 def start_verification(
@@ -236,6 +239,13 @@ def verify_chain_job(job: Job, progress: Progress) -> dict:
     A broken chain is a successful run with `ok: false`, logged at ERROR level and recorded as
     `audit.broken`; a run that could not finish is a failed job.
     """
+    head = chain_head()
+    progress.update(0, head.last_seq if head else 0, "signing a checkpoint")
+    try:
+        # At every verification: what the chain holds now is then signed, and checked below.
+        make_checkpoint()
+    except CheckpointRefused:
+        pass  # recorded as audit.checkpoint_not_signed; the walk below names the damage
     head = chain_head()
     progress.update(0, head.last_seq if head else 0, "verifying the hash chain")
     result = check_chain(on_progress=lambda checked, total: progress.update(checked, total))

@@ -6,3 +6,6 @@ class SecurityConfig(AppConfig):
 
     def ready(self) -> None:
         from security import schema  # noqa: F401  (registers the OpenAPI bearer scheme)
+        from security.keys import check_signing_key_at_startup
+
+        check_signing_key_at_startup()

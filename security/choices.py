@@ -9,3 +9,9 @@ class FamilyRevocation(models.TextChoices):
     LOGOUT = "logout", "Logout"
     REUSE_DETECTED = "reuse_detected", "Refresh token reuse detected"
     ADMIN = "admin", "Revoked by an administrator"
+
+
+class KeyPurpose(models.TextChoices):
+    """What a key is for; each purpose has one current key."""
+
+    AUDIT_SIGNING = "audit_signing", "Audit checkpoint signing (Ed25519)"

@@ -4,7 +4,7 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractUser
 from django.db import models
 
-from security.choices import FamilyRevocation
+from security.choices import FamilyRevocation, KeyPurpose
 
 
 class User(AbstractUser):
@@ -55,3 +55,27 @@ class TokenFamily(models.Model):
     @property
     def is_active(self) -> bool:
         return self.revoked_at is None
+
+
+class SigningKey(models.Model):
+    """The public half of a signing key Bridge has used, and the record that rotated it in.
+
+    The private key never enters the database: it is the file named by AUDIT_SIGNING_KEY_FILE.
+    A rotation record is signed by the old and the new key, so trust passes between them
+    without any database row being believed on its own.
+    """
+
+    key_id = models.CharField(max_length=40, unique=True)
+    purpose = models.CharField(max_length=32, choices=KeyPurpose.choices)
+    public_key = models.CharField(max_length=64)  # base64 of the 32 raw bytes
+    created_at = models.DateTimeField()
+    retired_at = models.DateTimeField(null=True, blank=True)
+    # Canonical JSON of the rotation record that brought this key in ("" for the first key).
+    rotation = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        permissions = [("rotate_signingkey", "Can rotate the audit signing key")]
+
+    def __str__(self) -> str:
+        return self.key_id

@@ -1,4 +1,4 @@
-"""Authentication services: login, refresh with reuse detection, logout.
+"""Security services: login, refresh with reuse detection, logout; signing key rotation.
 
 The API views and the admin are thin callers of these functions; each runs in one transaction
 and leaves one audit event.
@@ -10,6 +10,9 @@ import logging
 import math
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from django.conf import settings
 from django.contrib.auth import authenticate
@@ -24,12 +27,14 @@ from rest_framework_simplejwt.state import token_backend
 from rest_framework_simplejwt.token_blacklist.models import BlacklistedToken, OutstandingToken
 from rest_framework_simplejwt.tokens import RefreshToken
 
-from compliance.audit import AuditContext, record_event
+from compliance import proof
+from compliance.audit import AuditContext, iso, record_event
 from compliance.choices import AuditAction
 from security.choices import FamilyRevocation
 from security.ip import client_ip
 from security.lockout import retry_after_seconds
-from security.models import TokenFamily, User
+from security import keys
+from security.models import SigningKey, TokenFamily, User
 
 log = logging.getLogger(__name__)
 
@@ -304,3 +309,45 @@ def revoke_sessions(*, request: HttpRequest | None, families: QuerySet[TokenFami
             details={"families": [str(pk) for pk in ids], "users": users},
         )
     return revoked
+
+
+def rotate_audit_signing_key(
+    *, context: AuditContext, new_key_file: Path | None = None, reason: str = ""
+) -> SigningKey:
+    """Hand audit signing over to a new key; checkpoints signed by the old one stay verifiable.
+
+    The rotation record is signed by both keys and kept with the public keys (and written to
+    every checkpoint sink by the next checkpoint), so whoever trusts either key trusts the
+    other. Without `new_key_file` a key is generated and replaces the configured file at once
+    (temp file, then rename; every process reloads it); with one (production's mounted secret)
+    that key is linked in and takes over once AUDIT_SIGNING_KEY_FILE names it.
+    """
+    current = keys.audit_signing_key()
+    new = keys.read_key_file(new_key_file) if new_key_file else Ed25519PrivateKey.generate()
+    new_id = proof.key_id_of(new.public_key())
+    if new_id == current.key_id:
+        raise ValueError("the new key is the current key")
+    now = timezone.now()
+    record = proof.sign_rotation(current.private, new, iso(now), reason)
+    with transaction.atomic():
+        SigningKey.objects.filter(key_id=current.key_id, retired_at__isnull=True).update(
+            retired_at=now
+        )
+        row = keys.register_public_key(new.public_key(), rotation=record)
+        record_event(
+            action=AuditAction.SIGNING_KEY_ROTATED,
+            context=context,
+            object_type="security.signingkey",
+            object_id=row.pk,
+            details={
+                "old_key_id": current.key_id,
+                "new_key_id": new_id,
+                "reason": reason,
+                "key_file_replaced": new_key_file is None,
+            },
+        )
+        if new_key_file is None:
+            # Last, inside the transaction: a failed write leaves neither record nor key.
+            keys.write_key_file(current.path, new, replace=True)
+    log.warning("audit signing key rotated: %s -> %s", current.key_id, new_id)
+    return row

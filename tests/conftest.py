@@ -198,6 +198,20 @@ def anon_api() -> APIClient:
     return APIClient()
 
 
+@pytest.fixture(scope="session")
+def _test_signing_key_file(tmp_path_factory) -> Path:
+    # The tests' own key: a rotation in a test must never replace the developer's var/keys one.
+    return tmp_path_factory.mktemp("keys") / "audit_signing_key.pem"
+
+
+@pytest.fixture(autouse=True)
+def checkpoint_dir(settings, tmp_path, _test_signing_key_file) -> Path:
+    """Each test writes its checkpoints to a directory sink of its own."""
+    settings.AUDIT_SIGNING_KEY_FILE = _test_signing_key_file
+    settings.AUDIT_CHECKPOINT_DIR = tmp_path / "checkpoints"
+    return settings.AUDIT_CHECKPOINT_DIR
+
+
 @pytest.fixture(autouse=True)
 def _celery_eager(monkeypatch) -> None:
     """Unit tests run tasks inline; the end-to-end tests switch a real worker back on."""
@@ -241,8 +255,12 @@ def database_url_of_tests() -> str:
 
 
 def process_env(**extra: str) -> dict[str, str]:
+    from django.conf import settings
+
     env = dict(os.environ)
     env["DATABASE_URL"] = database_url_of_tests()
+    env["AUDIT_SIGNING_KEY_FILE"] = str(settings.AUDIT_SIGNING_KEY_FILE)
+    env["AUDIT_CHECKPOINT_DIR"] = str(settings.AUDIT_CHECKPOINT_DIR)
     env.update(extra)
     return env
 

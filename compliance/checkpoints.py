@@ -1,0 +1,277 @@
+"""Signed checkpoints: the chain's state, signed with a key outside the database and written
+to sinks outside it, so that even a database superuser cannot rewrite or cut the trail
+unnoticed (AWS CloudTrail's signed digest files are the model).
+
+Every AUDIT_CHECKPOINT_INTERVAL, and at every verification, a checkpoint signs the newest
+sealed seq and hash, the hashes at up to AUDIT_CHECKPOINT_WAYPOINTS seqs since the previous
+checkpoint, the event count, the time, the key id and the previous checkpoint's signature.
+Before signing, the new range is walked from the previous checkpoint's hash, so a checkpoint
+never vouches for a chain that does not connect to what was signed before.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from compliance import proof
+from compliance.audit import AuditContext, iso, record_event
+from compliance.chain import chain_head
+from compliance.choices import AuditAction, CheckpointStatus
+from compliance.models import AuditCheckpoint
+from compliance.redaction import redact_text
+from compliance.sinks import CheckpointSink, SinkError, configured_sinks
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointRefused(Exception):
+    """The new range does not connect to the last checkpoint: nothing was signed."""
+
+    def __init__(self, problem: proof.Problem) -> None:
+        super().__init__(problem.reason)
+        self.problem = problem
+
+
+def rotations_to_publish() -> list[dict]:
+    from security.keys import rotation_records
+
+    return rotation_records()
+
+
+def _publish(checkpoint: AuditCheckpoint, sinks: list[CheckpointSink]) -> bool:
+    """Write one checkpoint to every sink that lacks it; True once all hold it."""
+    from security.keys import trusted_keys
+
+    record = checkpoint.record_data
+    ring = trusted_keys()
+    key = ring.keys.get(record.get("key_id", ""))
+    if key is None or not proof.verifies(
+        key, str(record.get("signature", "")), proof.checkpoint_message(record)
+    ):
+        # Bridge never signs what it publishes; a row that does not verify was not written
+        # by Bridge, and goes nowhere.
+        if AuditCheckpoint.objects.filter(pk=checkpoint.pk, status=CheckpointStatus.PENDING).update(
+            status=CheckpointStatus.REFUSED, last_error="its signature does not verify"
+        ):
+            record_event(
+                action=AuditAction.CHECKPOINT_REFUSED,
+                context=AuditContext.system(),
+                object_type="compliance.auditcheckpoint",
+                object_id=checkpoint.pk,
+                details={"number": checkpoint.number, "key_id": record.get("key_id", "")},
+            )
+            log.error(
+                "AUDIT CHECKPOINT #%s REFUSED: its signature does not verify", checkpoint.number
+            )
+        return False
+    written = list(checkpoint.sinks_written)
+    errors = []
+    rotations = rotations_to_publish()
+    for sink in sinks:
+        if sink.name in written:
+            continue
+        try:
+            sink.ensure_rotations(rotations)
+            sink.append(record)
+        except (SinkError, OSError) as exc:
+            errors.append(redact_text(str(exc)))
+            continue
+        written.append(sink.name)
+    done = all(sink.name in written for sink in sinks)
+    changed = AuditCheckpoint.objects.filter(
+        pk=checkpoint.pk, status=CheckpointStatus.PENDING
+    ).update(
+        sinks_written=written,
+        attempts=checkpoint.attempts + 1,
+        last_error="; ".join(errors),
+        status=CheckpointStatus.PUBLISHED if done else CheckpointStatus.PENDING,
+        published_at=timezone.now() if done else None,
+    )
+    if errors and changed and checkpoint.attempts == 0:
+        # Once per checkpoint: it is retried every interval, and readiness shows it meanwhile.
+        record_event(
+            action=AuditAction.CHECKPOINT_FAILED,
+            context=AuditContext.system(),
+            object_type="compliance.auditcheckpoint",
+            object_id=checkpoint.pk,
+            details={"number": checkpoint.number, "errors": errors},
+        )
+    if errors:
+        log.error("AUDIT CHECKPOINT #%s not written: %s", checkpoint.number, "; ".join(errors))
+    return done
+
+
+def publish_pending(sinks: list[CheckpointSink] | None = None) -> int:
+    """Retry every checkpoint not yet in every sink, oldest first; returns how many remain."""
+    sinks = sinks if sinks is not None else configured_sinks()
+    remaining = 0
+    pending = AuditCheckpoint.objects.filter(status=CheckpointStatus.PENDING).order_by("number")
+    for checkpoint in pending:
+        if not _publish(checkpoint, sinks):
+            remaining += 1
+    return remaining
+
+
+def _range_rows(after_seq: int, to_seq: int) -> Iterator[tuple]:
+    from compliance.verification import chain_rows
+
+    return chain_rows(to_seq, after_seq=after_seq)
+
+
+def make_checkpoint(*, force: bool = False) -> AuditCheckpoint | None:
+    """Sign the chain's newest sealed state and write it to every sink.
+
+    Nothing is signed when the chain has not moved since the last checkpoint (unless
+    `force`), or when its new range does not connect to the last checkpoint's hash
+    (CheckpointRefused, recorded as `audit.checkpoint_not_signed`). Two callers at once: one
+    wins the number, the other returns None.
+    """
+    from security.keys import audit_signing_key
+
+    sinks = configured_sinks()
+    publish_pending(sinks)
+    head = chain_head()
+    if head is None or head.last_seq == 0:
+        return None
+    seq, hash_ = head.last_seq, head.last_hash
+    last = AuditCheckpoint.objects.order_by("-number").first()
+    previous_seq = last.seq if last else 0
+    if last and last.seq >= seq and not force:
+        return None
+    walker = proof.ChainWalker(
+        [],
+        start_hash=last.hash if last else proof.GENESIS_HASH,
+        start_seq=previous_seq + 1,
+    )
+    waypoint_seqs = set(proof.waypoint_seqs(previous_seq, seq, settings.AUDIT_CHECKPOINT_WAYPOINTS))
+    waypoints = []
+    problem = None
+    for row in _range_rows(previous_seq, seq):
+        problem = walker.feed(row)
+        if problem:
+            break
+        if row[0] in waypoint_seqs:
+            waypoints.append([row[0], row[2]])
+    problem = problem or (
+        None
+        if walker.last_hash == hash_ and walker.last_seq == seq
+        else proof.Problem(f"the chain does not reach its head at seq {seq}", seq=seq)
+    )
+    if problem:
+        record_event(
+            action=AuditAction.CHECKPOINT_NOT_SIGNED,
+            context=AuditContext.system(),
+            object_type="compliance.auditchainhead",
+            object_id=1,
+            details={"seq": problem.seq, "reason": problem.reason},
+        )
+        log.error("AUDIT CHECKPOINT NOT SIGNED at seq %s: %s", problem.seq, problem.reason)
+        raise CheckpointRefused(problem)
+    key = audit_signing_key()
+    now = timezone.now()
+    number = (last.number if last else 0) + 1
+    record = key.sign_checkpoint(
+        {
+            "v": 1,
+            "number": number,
+            "seq": seq,
+            "hash": hash_,
+            "events": seq - previous_seq,
+            "time": iso(now),
+            "prev_signature": last.signature if last else "",
+            "waypoints": waypoints,
+        }
+    )
+    try:
+        with transaction.atomic():
+            checkpoint = AuditCheckpoint.objects.create(
+                number=number,
+                seq=seq,
+                hash=hash_,
+                created_at=now,
+                key_id=key.key_id,
+                signature=record["signature"],
+                record=proof.canonical_json(record),
+            )
+    except IntegrityError:
+        return None
+    _publish(checkpoint, sinks)
+    checkpoint.refresh_from_db()
+    return checkpoint
+
+
+# --- What verification reads --------------------------------------------------------------
+
+
+def database_copies() -> Iterator[proof.CheckpointCopy]:
+    rows = AuditCheckpoint.objects.order_by("number").values_list("number", "record", "status")
+    for number, record, status in rows.iterator(chunk_size=500):
+        try:
+            data = json.loads(record)
+        except ValueError:
+            data = {"number": number, "unreadable": True}
+        yield proof.CheckpointCopy(
+            number, data, proof.DATABASE, status == CheckpointStatus.PUBLISHED
+        )
+
+
+def review_checkpoints(sinks: list[CheckpointSink] | None = None) -> proof.CheckpointReview:
+    """Every copy of every checkpoint, in the sinks and the database, checked (see
+    `proof.CheckpointReview`) against the keys Bridge trusts."""
+    from security.keys import trusted_keys
+
+    sinks = sinks if sinks is not None else configured_sinks()
+    rotations = [record for sink in sinks for record in sink.rotations()]
+    review = proof.CheckpointReview(
+        lambda: proof.merge_by_number(*(sink.copies() for sink in sinks), database_copies()),
+        sinks=[sink.name for sink in sinks],
+        ring=trusted_keys(rotations),
+    )
+    for sink in sinks:
+        review.problems.extend(proof.Problem(text) for text in sink.problems)
+    return review
+
+
+# --- Health -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckpointHealth:
+    ok: bool
+    message: str
+    newest: AuditCheckpoint | None
+    pending: int
+    failing: str
+
+
+def checkpoint_health() -> CheckpointHealth:
+    """Degraded when a checkpoint waits for a sink, or when sealed events have gone without a
+    checkpoint for three intervals (the checkpointer is not running)."""
+    newest = AuditCheckpoint.objects.filter(status=CheckpointStatus.PUBLISHED).first()
+    pending = AuditCheckpoint.objects.filter(status=CheckpointStatus.PENDING)
+    waiting = pending.count()
+    failing = pending.exclude(last_error="").order_by("number").first()
+    if failing is not None:
+        message = f"checkpoint #{failing.number} not written: {failing.last_error}"
+        return CheckpointHealth(False, message, newest, waiting, failing.last_error)
+    refused = AuditCheckpoint.objects.filter(status=CheckpointStatus.REFUSED).first()
+    if refused is not None:
+        message = f"checkpoint #{refused.number} in the database does not verify (forged?)"
+        return CheckpointHealth(False, message, newest, waiting, "")
+    head = chain_head()
+    limit = timedelta(seconds=3 * settings.AUDIT_CHECKPOINT_INTERVAL)
+    behind = head is not None and head.last_seq > (newest.seq if newest else 0)
+    since = newest.created_at if newest else (head.sealed_at if head else None)
+    if behind and since is not None and timezone.now() - since > limit:
+        age = (timezone.now() - since).total_seconds()
+        message = f"no checkpoint of the newest sealed events for {age:.0f} s"
+        return CheckpointHealth(False, message, newest, waiting, "")
+    return CheckpointHealth(True, "", newest, waiting, "")

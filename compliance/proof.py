@@ -1,0 +1,543 @@
+"""What proves the audit trail intact, with the standard library and `cryptography` only.
+
+The hash of an event, the signed checkpoints that anchor the chain outside the database, the
+key rotation records that carry trust from one signing key to the next, and the walk that
+checks a chain against all of them. Bridge's own verification and the offline verifier
+(`python -m compliance.verify_export`) both run this code, so an auditor on a machine the
+operator does not control gets the same verdict, naming the same seq, as the API. No Django
+here: nothing in this module may import it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import heapq
+import json
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+GENESIS_HASH = "0" * 64
+_HASHED_FIELDS = (
+    "id",
+    "seq",
+    "occurred_at",
+    "actor_id",
+    "actor_username",
+    "client_ip",
+    "request_id",
+    "action",
+    "object_type",
+    "object_id",
+    "method",
+    "path",
+    "status_code",
+    "latency_ms",
+    "details",
+    "prev_hash",
+)
+# The fields each hash version covers. A later version (the compliance issue will move personal
+# data out of the hashed fields) is added here; every seal keeps the version it was made with,
+# and verification recomputes each seal with its own, so old seals stay valid.
+HASH_VERSIONS: dict[int, tuple[str, ...]] = {1: _HASHED_FIELDS}
+CURRENT_HASH_VERSION = 1
+# Every column of an event any version hashes (the seal supplies seq and prev_hash).
+EVENT_FIELDS = tuple(name for name in _HASHED_FIELDS if name not in ("seq", "prev_hash"))
+# A row as verification reads it: the seal's columns, then the event's.
+ROW_COLUMNS = ("seq", "prev_hash", "hash", "hash_version", *EVENT_FIELDS)
+_ID_AT = ROW_COLUMNS.index("id")
+
+# Domain separation: a checkpoint signature can never pass for a rotation's, or the reverse.
+CHECKPOINT_CONTEXT = b"bridge.audit.checkpoint.v1\n"
+ROTATION_CONTEXT = b"bridge.audit.key-rotation.v1\n"
+
+
+class UnknownHashVersion(ValueError):
+    """A seal names a hash version this code does not know (forged, or from newer code)."""
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+
+
+# --- Event hashes -------------------------------------------------------------------------
+
+_encode_text = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) uses
+
+
+def _json_value(value: Any) -> str:
+    # The canonical_json spelling of one value of an event row (str, int, float or None).
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return _encode_text(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return int.__repr__(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{value!r} is not JSON")
+        return float.__repr__(value)
+    raise TypeError(f"{type(value).__name__} in an audit row")
+
+
+def row_canonical(version: int, columns: tuple[str, ...]) -> Callable[[tuple], str]:
+    """A function giving the canonical JSON an event's hash covers, for a row in `columns` order.
+
+    `occurred_at` must already be ISO text in UTC (`compliance.audit.iso()`, or PostgreSQL's
+    `to_char`, see verification). The same text as `compliance.chain.event_hash` builds (a
+    test holds them equal on generated rows): it is joined from precomputed key prefixes in
+    sorted order, instead of building, sorting and encoding a dict for each of a million events.
+    """
+    names = HASH_VERSIONS.get(version)
+    if names is None:
+        raise UnknownHashVersion(version)
+    keys = sorted([*names, "hash_version"] if version > 1 else names)
+    position = {name: index for index, name in enumerate(columns)}
+    prefixes = [("{" if n == 0 else ",") + _encode_text(key) + ":" for n, key in enumerate(keys)]
+    steps = list(zip(prefixes, [position.get(key, -1) for key in keys], strict=True))
+    time_at = position["occurred_at"]
+    version_text = str(version)
+    value_text = _json_value
+
+    def canonical(row: tuple) -> str:
+        parts = []
+        append = parts.append
+        for prefix, index in steps:
+            append(prefix)
+            if index == time_at:
+                append('"' + row[index] + '"')
+            elif index < 0:
+                append(version_text)
+            else:
+                append(value_text(row[index]))
+        append("}")
+        return "".join(parts)
+
+    return canonical
+
+
+def row_hasher(version: int, columns: tuple[str, ...] = ROW_COLUMNS) -> Callable[[tuple], str]:
+    """The SHA-256 hex of a row's canonical JSON (see `row_canonical`)."""
+    canonical, sha256 = row_canonical(version, columns), hashlib.sha256
+    return lambda row: sha256(canonical(row).encode("utf-8")).hexdigest()
+
+
+# --- Keys ---------------------------------------------------------------------------------
+
+
+def public_bytes(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def key_id_of(key: Ed25519PublicKey) -> str:
+    """A short, stable name for a public key: the first 16 hex digits of its SHA-256."""
+    return "ed25519:" + hashlib.sha256(public_bytes(key)).hexdigest()[:16]
+
+
+def public_key_text(key: Ed25519PublicKey) -> str:
+    return base64.b64encode(public_bytes(key)).decode("ascii")
+
+
+def public_key_pem(key: Ed25519PublicKey) -> str:
+    return key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode("ascii")
+
+
+def load_public_key(data: bytes | str) -> Ed25519PublicKey:
+    """A public key from PEM, or from the base64 of its 32 raw bytes. ValueError otherwise."""
+    raw = data.encode("ascii") if isinstance(data, str) else data
+    if raw.lstrip().startswith(b"-----BEGIN"):
+        key = serialization.load_pem_public_key(raw)
+        if not isinstance(key, Ed25519PublicKey):
+            raise ValueError("not an Ed25519 public key")
+        return key
+    try:
+        decoded = base64.b64decode(raw.strip(), validate=True)
+    except ValueError as exc:
+        raise ValueError("neither PEM nor base64") from exc
+    if len(decoded) != 32:
+        raise ValueError("an Ed25519 public key is 32 bytes")
+    return Ed25519PublicKey.from_public_bytes(decoded)
+
+
+def _signature(text: str) -> bytes:
+    return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+def verifies(key: Ed25519PublicKey, signature: str, message: bytes) -> bool:
+    try:
+        key.verify(_signature(signature), message)
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True
+
+
+# --- Checkpoints --------------------------------------------------------------------------
+
+
+def checkpoint_message(record: dict[str, Any]) -> bytes:
+    """The bytes a checkpoint's signature covers: every field but the signature."""
+    unsigned = {key: value for key, value in record.items() if key != "signature"}
+    return CHECKPOINT_CONTEXT + canonical_json(unsigned).encode("utf-8")
+
+
+def sign_checkpoint(payload: dict[str, Any], private_key: Ed25519PrivateKey) -> dict[str, Any]:
+    """The payload as a checkpoint record, with `type` and its signature added."""
+    record = {"type": "checkpoint", **payload}
+    signature = private_key.sign(checkpoint_message(record))
+    return {**record, "signature": base64.b64encode(signature).decode("ascii")}
+
+
+def waypoint_seqs(previous_seq: int, seq: int, count: int) -> list[int]:
+    """Which seqs in (previous_seq, seq] a checkpoint signs the hash of: all of them when there
+    are at most `count`, otherwise `count` evenly spaced ones ending at `seq`. A rewrite is
+    then named to the exact seq, or to within (seq - previous_seq) / count of it."""
+    span = seq - previous_seq
+    if span <= 0:
+        return [seq] if seq > 0 else []
+    if span <= count:
+        return list(range(previous_seq + 1, seq + 1))
+    return sorted({previous_seq + math.ceil(k * span / count) for k in range(1, count + 1)})
+
+
+# --- Key rotation -------------------------------------------------------------------------
+
+
+def rotation_message(record: dict[str, Any]) -> bytes:
+    unsigned = {k: v for k, v in record.items() if k not in ("signature_old", "signature_new")}
+    return ROTATION_CONTEXT + canonical_json(unsigned).encode("utf-8")
+
+
+def sign_rotation(
+    old: Ed25519PrivateKey, new: Ed25519PrivateKey, time: str, reason: str = ""
+) -> dict[str, Any]:
+    """A rotation record signed by both keys: whoever trusts either one can trust the other,
+    and nobody holding neither can add a key to the ring."""
+    old_public, new_public = old.public_key(), new.public_key()
+    record = {
+        "type": "key_rotation",
+        "time": time,
+        "old_key_id": key_id_of(old_public),
+        "old_public_key": public_key_text(old_public),
+        "new_key_id": key_id_of(new_public),
+        "new_public_key": public_key_text(new_public),
+        "reason": reason,
+    }
+    message = rotation_message(record)
+    return {
+        **record,
+        "signature_old": base64.b64encode(old.sign(message)).decode("ascii"),
+        "signature_new": base64.b64encode(new.sign(message)).decode("ascii"),
+    }
+
+
+@dataclass
+class KeyRing:
+    """The public keys a verification trusts: its roots (the key Bridge signs with, or the key
+    an auditor pinned), plus every key joined to a trusted one by a rotation record signed by
+    both. A key that only an unsigned or half-signed record names is not trusted."""
+
+    keys: dict[str, Ed25519PublicKey] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @classmethod
+    def build(
+        cls, roots: Iterable[Ed25519PublicKey], rotations: Iterable[dict[str, Any]]
+    ) -> KeyRing:
+        ring = cls({key_id_of(key): key for key in roots})
+        valid: list[tuple[str, Ed25519PublicKey, str, Ed25519PublicKey]] = []
+        for record in rotations:
+            try:
+                old = load_public_key(record["old_public_key"])
+                new = load_public_key(record["new_public_key"])
+                ids_match = (
+                    key_id_of(old) == record["old_key_id"]
+                    and key_id_of(new) == record["new_key_id"]
+                )
+                message = rotation_message(record)
+                signed = verifies(old, record["signature_old"], message) and verifies(
+                    new, record["signature_new"], message
+                )
+            except (KeyError, TypeError, ValueError):
+                ids_match = signed = False
+            if ids_match and signed:
+                valid.append((record["old_key_id"], old, record["new_key_id"], new))
+            else:
+                name = record.get("new_key_id", "?") if isinstance(record, dict) else "?"
+                ring.problems.append(
+                    f"the rotation record to key {name} is not signed by both of its keys"
+                )
+        grew = True
+        while grew:
+            grew = False
+            for old_id, old, new_id, new in valid:
+                if old_id in ring.keys and new_id not in ring.keys:
+                    ring.keys[new_id] = new
+                    grew = True
+                elif new_id in ring.keys and old_id not in ring.keys:
+                    ring.keys[old_id] = old
+                    grew = True
+        return ring
+
+
+class CheckpointCopy(NamedTuple):
+    """One copy of a checkpoint: from a sink (`source` is the sink's name), or the database's
+    row (`source` is DATABASE, `published` says whether Bridge recorded it as written to every
+    sink)."""
+
+    number: int
+    record: dict[str, Any]
+    source: str
+    published: bool = True
+
+
+DATABASE = "database"
+
+
+class Anchor(NamedTuple):
+    seq: int
+    hash: str
+    checkpoint: int
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What verification found wrong: the first seq it concerns (None when no event is named),
+    the event id where one is known, the checkpoint proving it, and why."""
+
+    reason: str
+    seq: int | None = None
+    event_id: int | None = None
+    checkpoint: int | None = None
+
+
+class CheckpointReview:
+    """Checks every copy of every checkpoint, then yields the hashes they sign as anchors.
+
+    Each copy must carry a signature of a trusted key; copies of one number must be identical;
+    checkpoint N must name checkpoint N-1's signature (no gap, no reordering); every sink must
+    hold every checkpoint below its newest, and every checkpoint the database recorded as
+    published. Only checkpoints found in a sink count: a database row is the operator's own
+    copy, which an insider can write to.
+
+    `copies` is called twice (checking, then anchoring) and must give the copies of all
+    sources sorted by number each time (`merge_by_number`), so memory stays constant however
+    many checkpoints there are.
+    """
+
+    def __init__(
+        self,
+        copies: Callable[[], Iterable[CheckpointCopy]],
+        *,
+        sinks: Iterable[str],
+        ring: KeyRing,
+        first_number: int | None = 1,
+    ) -> None:
+        self._copies = copies
+        self._sinks = tuple(sinks)
+        self._ring = ring
+        self._first = first_number
+        self.problems: list[Problem] = [Problem(reason) for reason in ring.problems]
+        self.count = 0
+        self.newest: dict[str, Any] | None = None
+        self._rejected: set[int] = set()
+        self._review()
+
+    def _flag(self, number: int, record: dict | None, reason: str) -> None:
+        self._rejected.add(number)
+        seq = record.get("seq") if isinstance(record, dict) else None
+        if len(self.problems) < 50:
+            self.problems.append(Problem(reason, seq=seq, checkpoint=number))
+
+    def _valid_signature(self, record: dict[str, Any]) -> str | None:
+        key = self._ring.keys.get(record.get("key_id", ""))
+        if key is None:
+            return f"signed by key {record.get('key_id')!r}, which is not trusted"
+        if not verifies(key, str(record.get("signature", "")), checkpoint_message(record)):
+            return "its signature does not verify"
+        return None
+
+    def _review(self) -> None:
+        previous: dict[str, Any] | None = None
+        previous_number: int | None = None
+        sink_max = dict.fromkeys(self._sinks, 0)
+        sink_missing: dict[str, list[tuple[int, dict]]] = {sink: [] for sink in self._sinks}
+        for number, group in _grouped(self._copies()):
+            records = [copy.record for copy in group]
+            record = records[0]
+            in_sinks = {copy.source for copy in group if copy.source != DATABASE}
+            published = any(copy.source == DATABASE and copy.published for copy in group)
+            for copy in group:
+                problem = self._valid_signature(copy.record)
+                if problem:
+                    where = "the database" if copy.source == DATABASE else f"sink {copy.source}"
+                    self._flag(number, copy.record, f"checkpoint #{number} in {where} is {problem}")
+                    if copy.source != DATABASE:
+                        in_sinks.discard(copy.source)
+            distinct = {canonical_json(item) for item in records}
+            if len(distinct) > 1:
+                sources = ", ".join(sorted({copy.source for copy in group}))
+                self._flag(number, record, f"the copies of checkpoint #{number} differ ({sources})")
+            for sink in self._sinks:
+                if sink in in_sinks:
+                    sink_max[sink] = number
+                elif published:
+                    self._flag(
+                        number,
+                        record,
+                        f"checkpoint #{number} is missing from sink {sink}, where it was written",
+                    )
+                else:
+                    sink_missing[sink].append((number, record))
+            if not in_sinks:
+                # Waiting to be written (or a forged row): it does not count yet.
+                self._rejected.add(number)
+                continue
+            self.count += 1
+            expected = self._first if previous_number is None else previous_number + 1
+            if expected is not None and number != expected:
+                self._flag(
+                    number,
+                    record,
+                    f"checkpoint(s) #{expected}..#{number - 1} are missing before #{number}",
+                )
+            elif previous is not None and record.get("prev_signature") != previous.get("signature"):
+                self._flag(
+                    number,
+                    record,
+                    f"checkpoint #{number} does not name #{previous_number}'s signature",
+                )
+            elif previous is None and number == 1 and record.get("prev_signature"):
+                self._flag(number, record, "checkpoint #1 names a predecessor")
+            if previous is not None and record.get("seq", 0) < previous.get("seq", 0):
+                self._flag(number, record, f"checkpoint #{number} goes back in the chain")
+            previous, previous_number = record, number
+            if number not in self._rejected:
+                self.newest = record
+        for sink, missing in sink_missing.items():
+            for number, record in missing:
+                if number < sink_max[sink]:
+                    self._flag(number, record, f"checkpoint #{number} is missing from sink {sink}")
+
+    def anchors(self) -> Iterator[Anchor]:
+        """The hashes signed by the checkpoints that passed, in seq order."""
+        for number, group in _grouped(self._copies()):
+            if number in self._rejected:
+                continue
+            record = group[0].record
+            for seq, hash_ in record.get("waypoints") or [[record["seq"], record["hash"]]]:
+                yield Anchor(int(seq), str(hash_), number)
+
+
+def _grouped(copies: Iterable[CheckpointCopy]) -> Iterator[tuple[int, list[CheckpointCopy]]]:
+    group: list[CheckpointCopy] = []
+    for copy in copies:
+        if group and copy.number != group[0].number:
+            yield group[0].number, group
+            group = []
+        group.append(copy)
+    if group:
+        yield group[0].number, group
+
+
+def merge_by_number(*sources: Iterable[CheckpointCopy]) -> Iterator[CheckpointCopy]:
+    """The copies of several sources, each sorted by number, as one stream sorted by number."""
+    return heapq.merge(*sources, key=lambda copy: copy.number)
+
+
+# --- The walk -----------------------------------------------------------------------------
+
+
+class ChainWalker:
+    """Checks rows (in ROW_COLUMNS order, seq ascending) against each other and the anchors.
+
+    Each row must follow the previous one (seq + 1, its prev_hash the previous hash), hash to
+    its stored hash with its own hash version, and, where a checkpoint signed the hash at its
+    seq, equal that. A rewrite that recomputed every later hash passes the first three and
+    fails the last, at the first signed seq it changed.
+
+    `start_hash=None` starts at whatever the first row links to: an export of a later range,
+    which the checkpoints inside it anchor. `start_seq`/`start_hash` continue from a known
+    point (the checkpointer walks only the range since the last checkpoint).
+    """
+
+    def __init__(
+        self,
+        anchors: Iterable[Anchor],
+        *,
+        start_hash: str | None = GENESIS_HASH,
+        start_seq: int | None = 1,
+    ) -> None:
+        self._anchors = iter(anchors)
+        self._anchor = next(self._anchors, None)
+        self._prev = start_hash
+        self._expected = start_seq if start_hash is not None else None
+        self._hashers: dict[int, Callable[[tuple], str]] = {}
+        self.checked = 0
+        self.last_seq = None if self._expected is None else self._expected - 1
+
+    def feed(self, row: tuple) -> Problem | None:
+        seq, prev_hash, stored_hash, version = row[0], row[1], row[2], row[3]
+        event_id = row[_ID_AT]
+        if self._expected is None:
+            self._expected, self._prev = seq, prev_hash
+            while self._anchor is not None and self._anchor.seq < seq:
+                self._anchor = next(self._anchors, None)
+        if seq != self._expected:
+            return Problem(
+                f"event(s) with seq {self._expected}..{seq - 1} are missing",
+                seq=self._expected,
+                event_id=event_id,
+            )
+        if prev_hash != self._prev:
+            return Problem("prev_hash does not match the event before", seq, event_id)
+        hasher = self._hashers.get(version)
+        if hasher is None:
+            if version not in HASH_VERSIONS:
+                return Problem(f"unknown hash_version {version}", seq, event_id)
+            hasher = self._hashers[version] = row_hasher(version, ROW_COLUMNS)
+        if hasher(row) != stored_hash:
+            return Problem("content does not match its hash", seq, event_id)
+        while self._anchor is not None and self._anchor.seq == seq:
+            if self._anchor.hash != stored_hash:
+                return Problem(
+                    f"seq {seq} differs from the hash signed in checkpoint "
+                    f"#{self._anchor.checkpoint}: history was rewritten",
+                    seq,
+                    event_id,
+                    self._anchor.checkpoint,
+                )
+            self._anchor = next(self._anchors, None)
+        self._prev = stored_hash
+        self._expected = seq + 1
+        self.last_seq = seq
+        self.checked += 1
+        return None
+
+    @property
+    def last_hash(self) -> str | None:
+        return self._prev
+
+    def finish(self) -> Problem | None:
+        """After the last row: a signed seq the chain never reached means its tail was cut."""
+        if self._anchor is None:
+            return None
+        last = self.last_seq or 0
+        anchor = self._anchor
+        return Problem(
+            f"the chain ends at seq {last} but checkpoint #{anchor.checkpoint} signs seq "
+            f"{anchor.seq}: events were removed from the end",
+            seq=last + 1,
+            checkpoint=anchor.checkpoint,
+        )
