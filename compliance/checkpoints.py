@@ -95,8 +95,16 @@ def _publish(checkpoint: AuditCheckpoint, sinks: list[CheckpointSink]) -> bool:
         status=CheckpointStatus.PUBLISHED if done else CheckpointStatus.PENDING,
         published_at=timezone.now() if done else None,
     )
-    if errors and changed and checkpoint.attempts == 0:
-        # Once per checkpoint: it is retried every interval, and readiness shows it meanwhile.
+    failing_before = (
+        AuditCheckpoint.objects.filter(
+            status=CheckpointStatus.PENDING, number__lt=checkpoint.number
+        )
+        .exclude(last_error="")
+        .exists()
+    )
+    if errors and changed and checkpoint.attempts == 0 and not failing_before:
+        # Once per outage: the checkpoint is retried every interval, later ones queue behind it,
+        # and readiness shows it meanwhile.
         record_event(
             action=AuditAction.CHECKPOINT_FAILED,
             context=AuditContext.system(),

@@ -160,6 +160,22 @@ class AuditVerification(Job):
         return self.result.get("first_broken_id")
 
     @property
+    def first_broken_seq(self) -> int | None:
+        return self.result.get("first_broken_seq")
+
+    @property
+    def checkpoint(self) -> int | None:
+        return self.result.get("checkpoint")
+
+    @property
+    def checkpoints(self) -> int:
+        return int(self.result.get("checkpoints", 0))
+
+    @property
+    def checkpoint_problems(self) -> list[str]:
+        return list(self.result.get("checkpoint_problems", []))
+
+    @property
     def reason(self) -> str:
         return self.result.get("reason", "") or self.error
 

@@ -365,7 +365,7 @@ class CheckpointReview:
         if key is None:
             return f"signed by key {record.get('key_id')!r}, which is not trusted"
         if not verifies(key, str(record.get("signature", "")), checkpoint_message(record)):
-            return "its signature does not verify"
+            return "its signature does not verify (forged or altered)"
         return None
 
     def _review(self) -> None:
@@ -382,7 +382,7 @@ class CheckpointReview:
                 problem = self._valid_signature(copy.record)
                 if problem:
                     where = "the database" if copy.source == DATABASE else f"sink {copy.source}"
-                    self._flag(number, copy.record, f"checkpoint #{number} in {where} is {problem}")
+                    self._flag(number, copy.record, f"checkpoint #{number} in {where}: {problem}")
                     if copy.source != DATABASE:
                         in_sinks.discard(copy.source)
             distinct = {canonical_json(item) for item in records}

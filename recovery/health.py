@@ -201,10 +201,31 @@ def _verification_check() -> tuple[bool, str]:
     if run.ok is None:
         return False, f"the last verification failed to run {_seconds(age)} ago"
     if not run.ok:
-        return False, f"CHAIN BROKEN at event {run.first_broken_id} (verified {_seconds(age)} ago)"
+        seq = run.result.get("first_broken_seq")
+        if run.first_broken_id is not None:
+            where = f"event {run.first_broken_id}" + (f" (seq {seq})" if seq else "")
+        else:
+            where = f"seq {seq}" if seq else "a checkpoint"
+        return False, f"CHAIN BROKEN at {where} (verified {_seconds(age)} ago)"
     if age > limit:
         return False, f"last verification {_seconds(age)} ago (limit {_seconds(limit)})"
     return True, f"intact, verified {_seconds(age)} ago"
+
+
+def _checkpoint_check() -> tuple[bool, str]:
+    """Signed checkpoints reach every sink, and keep up with the sealed chain."""
+    from compliance.checkpoints import checkpoint_health
+
+    health = checkpoint_health()
+    if not health.ok:
+        return False, health.message
+    if health.newest is None:
+        return True, "no checkpoint yet (the first one is due)"
+    age = (timezone.now() - health.newest.created_at).total_seconds()
+    return (
+        True,
+        f"checkpoint #{health.newest.number} at seq {health.newest.seq}, {_seconds(age)} ago",
+    )
 
 
 def _reason_check(check: Callable[[], str | None], ok_detail: str) -> Callable:
@@ -250,6 +271,7 @@ def checks() -> list[Check]:
         Check("beat", False, lambda: _heartbeat_check("beat")),
         Check("audit", False, _closing_db(_audit_check)),
         Check("verification", False, _closing_db(_verification_check)),
+        Check("checkpoints", False, _closing_db(_checkpoint_check)),
     ]
 
 

@@ -13,7 +13,6 @@ from datetime import timedelta
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from django.conf import settings
 from django.contrib.auth import authenticate
 from django.core.cache import cache
@@ -30,10 +29,10 @@ from rest_framework_simplejwt.tokens import RefreshToken
 from compliance import proof
 from compliance.audit import AuditContext, iso, record_event
 from compliance.choices import AuditAction
+from security import keys
 from security.choices import FamilyRevocation
 from security.ip import client_ip
 from security.lockout import retry_after_seconds
-from security import keys
 from security.models import SigningKey, TokenFamily, User
 
 log = logging.getLogger(__name__)

@@ -91,6 +91,18 @@ class VerificationSerializer(serializers.Serializer):
     )
     checked = serializers.IntegerField(help_text="Sealed events whose hash and link were checked.")
     first_broken_id = serializers.IntegerField(allow_null=True)
+    first_broken_seq = serializers.IntegerField(
+        allow_null=True, help_text="The first seq found wrong (also for events that are gone)."
+    )
+    checkpoint = serializers.IntegerField(
+        allow_null=True, help_text="The signed checkpoint that proves the damage, if one does."
+    )
+    checkpoints = serializers.IntegerField(
+        help_text="Signed checkpoints read from the sinks and held against the chain."
+    )
+    checkpoint_problems = serializers.ListField(
+        child=serializers.CharField(), help_text="What is wrong with the checkpoints, if anything."
+    )
     unsealed = serializers.IntegerField(help_text="Recorded events the sealer had not linked yet.")
     reason = serializers.CharField(allow_blank=True)
     source = serializers.CharField(allow_blank=True)

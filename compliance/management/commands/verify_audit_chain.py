@@ -38,14 +38,20 @@ class Command(BaseCommand):
         if run.ok is None:
             raise CommandError(f"verification job {run.pk} did not finish: {run.error}")
         if not run.ok:
+            seq = run.result.get("first_broken_seq")
+            checkpoint = run.result.get("checkpoint")
+            where = f" at seq {seq}" if seq else ""
+            event = f" (event id {run.first_broken_id})" if run.first_broken_id else ""
+            proven = f", proven by checkpoint #{checkpoint}" if checkpoint else ""
             raise CommandError(
-                f"audit chain BROKEN at event id {run.first_broken_id}: {run.reason} "
+                f"audit chain BROKEN{where}{event}{proven}: {run.reason} "
                 f"({run.checked} events verified before it)",
                 returncode=1,
             )
         self.stdout.write(
             self.style.SUCCESS(
-                f"audit chain intact: {run.checked} sealed events verified, "
+                f"audit chain intact: {run.checked} sealed events verified against "
+                f"{run.result.get('checkpoints', 0)} signed checkpoint(s), "
                 f"{run.unsealed} not sealed yet (job {run.pk})"
             )
         )

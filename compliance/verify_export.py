@@ -1,0 +1,184 @@
+"""Verify an audit export offline: `python -m compliance.verify_export OUT --public-key FILE`.
+
+Standard library plus `cryptography`: no Django, no database, no settings, so an auditor can
+run it on a machine the operator does not control, trusting nothing but the public key(s) it
+is given (PEM, or the base64 of the 32 raw bytes, as GET /api/compliance/audit/public-key
+publishes them). Keys reached from those by rotation records signed by both keys are trusted
+too. The checks are Bridge's own (`compliance.proof`), so the verdict names the same seq.
+
+Exit status: 0 intact, 1 broken (the first problem is named), 2 the export could not be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compliance import proof
+
+FORMAT = "bridge-audit-export"
+
+
+class ExportUnreadable(Exception):
+    """Not an export, or one that ends before its end line."""
+
+
+@dataclass
+class Verdict:
+    ok: bool
+    events: int
+    checkpoints: int
+    first_seq: int | None
+    last_seq: int | None
+    first_broken_seq: int | None = None
+    first_broken_id: int | None = None
+    checkpoint: int | None = None
+    reason: str = ""
+    problems: list[str] = field(default_factory=list)
+
+
+def _lines(path: Path) -> Iterator[dict[str, Any]]:
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            try:
+                item = json.loads(line)
+            except ValueError as exc:
+                raise ExportUnreadable(f"line {number} is not JSON") from exc
+            if not isinstance(item, dict):
+                raise ExportUnreadable(f"line {number} is not a JSON object")
+            yield item
+
+
+def _header(path: Path) -> dict[str, Any]:
+    first = next(_lines(path), None)
+    if not first or first.get("type") != "export" or first.get("format") != FORMAT:
+        raise ExportUnreadable("not a Bridge audit export (no export header)")
+    if first.get("version") != 1:
+        raise ExportUnreadable(f"export format version {first.get('version')} is not known")
+    return first
+
+
+def _copies(path: Path) -> Iterator[proof.CheckpointCopy]:
+    for item in _lines(path):
+        kind = item.get("type")
+        if kind == "event":
+            return
+        if kind == "checkpoint_copy":
+            record = item.get("record") or {}
+            yield proof.CheckpointCopy(
+                int(record.get("number", 0)),
+                record,
+                str(item.get("source", "")),
+                bool(item.get("published")),
+            )
+
+
+def verify_export(path: Path, public_keys: list[Any]) -> Verdict:
+    """Check an export against the trusted public keys; raises ExportUnreadable."""
+    header = _header(path)
+    rotations = [item for item in _lines(path) if item.get("type") == "key_rotation"]
+    ring = proof.KeyRing.build(public_keys, rotations)
+    review = proof.CheckpointReview(
+        lambda: _copies(path),
+        sinks=header.get("sinks") or [],
+        ring=ring,
+        first_number=header.get("first_checkpoint"),
+    )
+    first_seq = header.get("first_seq")
+    walker = proof.ChainWalker(
+        review.anchors(), start_hash=proof.GENESIS_HASH if first_seq in (None, 1) else None
+    )
+    problem: proof.Problem | None = None
+    end: dict[str, Any] | None = None
+    for item in _lines(path):
+        kind = item.get("type")
+        if kind == "end":
+            end = item
+            continue
+        if kind != "event" or problem is not None:
+            continue
+        try:
+            row = tuple(item[name] for name in proof.ROW_COLUMNS)
+        except KeyError as exc:
+            raise ExportUnreadable(f"an event line lacks {exc.args[0]}") from exc
+        problem = walker.feed(row)
+    if end is None:
+        raise ExportUnreadable("the export ends before its end line (cut off?)")
+    if problem is None:
+        problem = walker.finish()
+    if problem is None and end.get("events") != walker.checked:
+        problem = proof.Problem(
+            f"the end line counts {end.get('events')} events, not {walker.checked}"
+        )
+    if problem is None and header.get("last_seq") not in (None, walker.last_seq):
+        problem = proof.Problem(
+            f"the header names seq {header.get('last_seq')} as the last, the events end at "
+            f"{walker.last_seq}"
+        )
+    problems = [item.reason for item in review.problems]
+    if problem is None and review.problems:
+        problem = review.problems[0]
+    verdict = Verdict(
+        ok=problem is None,
+        events=walker.checked,
+        checkpoints=review.count,
+        first_seq=first_seq,
+        last_seq=walker.last_seq,
+        problems=problems[:20],
+    )
+    if problem is not None:
+        verdict.first_broken_seq = problem.seq
+        verdict.first_broken_id = problem.event_id
+        verdict.checkpoint = problem.checkpoint
+        verdict.reason = problem.reason
+    return verdict
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m compliance.verify_export",
+        description="Verify a Bridge audit export offline against trusted public keys.",
+    )
+    parser.add_argument("export", type=Path, help="the file `manage.py export_audit` wrote")
+    parser.add_argument(
+        "--public-key",
+        type=Path,
+        action="append",
+        required=True,
+        help="a trusted Ed25519 public key (PEM or base64); may be given more than once",
+    )
+    parser.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    args = parser.parse_args(argv)
+    try:
+        keys = [proof.load_public_key(path.read_bytes()) for path in args.public_key]
+    except (OSError, ValueError) as exc:
+        print(f"cannot use the public key: {exc}", file=sys.stderr)
+        return 2
+    try:
+        verdict = verify_export(args.export, keys)
+    except (OSError, ExportUnreadable) as exc:
+        print(f"cannot verify {args.export}: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(asdict(verdict), indent=2))
+    elif verdict.ok:
+        print(
+            f"audit export intact: {verdict.events} events (seq {verdict.first_seq}.."
+            f"{verdict.last_seq}) verified against {verdict.checkpoints} signed checkpoint(s)"
+        )
+    else:
+        where = f" at seq {verdict.first_broken_seq}" if verdict.first_broken_seq else ""
+        proof_of = f" (checkpoint #{verdict.checkpoint})" if verdict.checkpoint else ""
+        print(f"audit export BROKEN{where}{proof_of}: {verdict.reason}")
+        for extra in verdict.problems[1:]:
+            print(f"  also: {extra}")
+    return 0 if verdict.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
