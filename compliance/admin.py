@@ -23,8 +23,8 @@ from bridge.admin import (
 from bridge.choices import JobStatus
 from compliance import chain, verification
 from compliance.audit import AuditContext
-from compliance.choices import AuditAction, VerificationSource
-from compliance.models import AuditEvent, AuditVerification
+from compliance.choices import AuditAction, CheckpointStatus, VerificationSource
+from compliance.models import AuditCheckpoint, AuditEvent, AuditVerification
 
 # unfold's label colours per status class: 2xx success, 3xx info, 4xx warning, 5xx danger.
 _STATUS_VARIANTS = {2: "success", 3: "info", 4: "warning", 5: "danger"}
@@ -376,3 +376,44 @@ class AuditVerificationAdmin(JobAdminMixin, ReadOnlyAdmin):
         )
         self.message_user(request, f"Verification {job.pk} started; its progress shows below.")
         return HttpResponseRedirect(reverse("admin:compliance_auditverification_changelist"))
+
+
+_CHECKPOINT_VARIANTS = {
+    CheckpointStatus.PUBLISHED: "success",
+    CheckpointStatus.PENDING: "warning",
+    CheckpointStatus.REFUSED: "danger",
+}
+
+
+@admin.register(AuditCheckpoint)
+class AuditCheckpointAdmin(ReadOnlyAdmin):
+    """Bridge's copies of the signed checkpoints and whether every sink holds them."""
+
+    list_display = ("number", "seq", "created", "state", "key_id", "sinks", "attempts", "error")
+    list_filter = ("status", "key_id")
+    search_fields = ("=number", "=seq", "signature")
+    fieldsets = (
+        (None, {"fields": ("number", "seq", "hash", "created", "state", "key_id")}),
+        ("Sinks", {"fields": ("sinks", "attempts", "last_error", "published")}),
+        ("As signed", {"fields": ("signature", "record_json")}),
+    )
+    created = utc_column("created_at", "created")
+    published = utc_column("published_at", "published")
+
+    @admin.display(description="status", ordering="status")
+    def state(self, checkpoint: AuditCheckpoint) -> str:
+        return label(
+            checkpoint.get_status_display(), _CHECKPOINT_VARIANTS.get(checkpoint.status, "")
+        )
+
+    @admin.display(description="written to")
+    def sinks(self, checkpoint: AuditCheckpoint) -> str:
+        return ", ".join(checkpoint.sinks_written) or "-"
+
+    @admin.display(description="error")
+    def error(self, checkpoint: AuditCheckpoint) -> str:
+        return truncated(checkpoint.last_error, 40)
+
+    @admin.display(description="record")
+    def record_json(self, checkpoint: AuditCheckpoint) -> str:
+        return pretty_json(checkpoint.record)

@@ -7,7 +7,8 @@ from django.core.exceptions import ValidationError
 from django_filters import rest_framework as filters
 from django_filters.fields import IsoDateTimeField
 
-from compliance.models import AuditEvent
+from compliance.choices import CheckpointStatus
+from compliance.models import AuditCheckpoint, AuditEvent
 
 # RFC 3339, as the schema's `format: date-time` says: a date, a time and an offset. Django alone
 # would also take a bare date or a time without offset (read in the server's zone), which is
@@ -79,3 +80,12 @@ class AuditEventFilter(filters.FilterSet):
 AuditEventFilter.base_filters["from"] = UTCDateTimeFilter(
     field_name="occurred_at", lookup_expr="gte", help_text="ISO 8601 time; events at or after it."
 )
+
+
+class CheckpointFilter(filters.FilterSet):
+    status = filters.ChoiceFilter(choices=CheckpointStatus.choices)
+    key_id = filters.CharFilter()
+
+    class Meta:
+        model = AuditCheckpoint
+        fields = ["status", "key_id"]

@@ -12,14 +12,27 @@ from django.urls import reverse
 from django.utils import timezone
 
 from bridge.choices import JobStatus
-from bridge.panels import Bar, Chart, Figure, Link, PanelContent, age, register_panel, utc, worst
+from bridge.panels import (
+    Bar,
+    Chart,
+    Figure,
+    Link,
+    PanelContent,
+    Row,
+    age,
+    register_panel,
+    utc,
+    worst,
+)
 from compliance.chain import (
     chain_head,
     oldest_unsealed_age,
     seal_lag_limit,
     total_event_count,
 )
+from compliance.checkpoints import checkpoint_health
 from compliance.models import AuditEvent
+from compliance.sinks import configured_sinks
 from compliance.verification import latest_verification
 
 
@@ -116,4 +129,74 @@ def audit_panel(request: HttpRequest) -> PanelContent:
         if settings.ENABLE_AUDIT_LOGGING
         else "Request logging is off (ENABLE_AUDIT_LOGGING): only logins, token events and "
         "admin changes are recorded.",
+    )
+
+
+@register_panel(
+    "compliance-checkpoints",
+    title="Compliance · signed checkpoints",
+    permissions=("compliance.view_auditcheckpoint",),
+    order=11,
+)
+def checkpoint_panel(request: HttpRequest) -> PanelContent:
+    from security.keys import SigningKeyError, audit_signing_key
+
+    health = checkpoint_health()
+    newest = health.newest
+    head = chain_head()
+    uncovered = max(0, (head.last_seq if head else 0) - (newest.seq if newest else 0))
+    try:
+        key_id, key_state, key_hint = audit_signing_key().key_id, "ok", "signs new checkpoints"
+    except SigningKeyError as exc:
+        key_id, key_state, key_hint = "unusable", "bad", str(exc)
+    state = worst("warn" if not health.ok else "ok", key_state)
+    if newest is None:
+        last, last_hint = "none yet", f"one every {settings.AUDIT_CHECKPOINT_INTERVAL} s"
+    else:
+        last = f"#{newest.number} at seq {newest.seq}"
+        last_hint = f"{utc(newest.created_at)}, {age(timezone.now() - newest.created_at)} ago"
+    return PanelContent(
+        state=state,
+        badge="anchored"
+        if state == "ok"
+        else ("KEY UNUSABLE" if key_state == "bad" else "sink failing"),
+        figures=[
+            Figure("last checkpoint", last, state="ok" if newest else "", hint=last_hint),
+            Figure(
+                "sealed, not yet signed",
+                uncovered,
+                hint="not yet protected against a database superuser",
+            ),
+            Figure(
+                "waiting for a sink",
+                health.pending,
+                state="warn" if not health.ok else "",
+                hint=health.message,
+            ),
+            Figure("signing key", key_id, state=key_state, hint=key_hint),
+        ],
+        rows_title="Sinks",
+        rows=[
+            Row(
+                sink.name,
+                "failing" if health.failing and sink.name in health.failing else "ok",
+                state="warn" if health.failing and sink.name in health.failing else "ok",
+                detail=str(getattr(sink, "path", "")),
+            )
+            for sink in configured_sinks()
+        ],
+        links=[
+            Link(
+                "Checkpoints",
+                reverse("admin:compliance_auditcheckpoint_changelist"),
+                permission="compliance.view_auditcheckpoint",
+            ),
+            Link(
+                "Signing keys",
+                reverse("admin:security_signingkey_changelist"),
+                permission="security.view_signingkey",
+            ),
+        ],
+        note="Events not yet sealed and checkpointed are not yet protected against a "
+        "database superuser.",
     )

@@ -2,12 +2,14 @@ from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.utils.html import format_html
 from unfold.admin import ModelAdmin
 from unfold.forms import AdminPasswordChangeForm, UserChangeForm, UserCreationForm
 
-from bridge.admin import AppendOnlyAdmin, label, utc_column
+from bridge.admin import AppendOnlyAdmin, ReadOnlyAdmin, label, pretty_json, utc_column
+from compliance import proof
 from security import services
-from security.models import TokenFamily, User
+from security.models import SigningKey, TokenFamily, User
 
 
 @admin.register(User)
@@ -118,3 +120,34 @@ class TokenFamilyAdmin(AppendOnlyAdmin):
     def revoke(self, request: HttpRequest, queryset: QuerySet[TokenFamily]) -> None:
         count = services.revoke_sessions(request=request, families=queryset)
         self.message_user(request, f"Revoked {count} session(s).", level=messages.WARNING)
+
+
+@admin.register(SigningKey)
+class SigningKeyAdmin(ReadOnlyAdmin):
+    """Every audit signing key Bridge has used: its public half (the private key is a file,
+    never here) and the rotation record, signed by both keys, that brought it in."""
+
+    list_display = ("key_id", "purpose", "created", "retired", "state")
+    list_filter = ("purpose",)
+    fieldsets = (
+        (None, {"fields": ("key_id", "purpose", "state", "created", "retired")}),
+        ("Public key", {"fields": ("public_key", "public_key_pem")}),
+        ("Rotation record", {"fields": ("rotation_json",)}),
+    )
+    created = utc_column("created_at", "created")
+    retired = utc_column("retired_at", "retired")
+
+    @admin.display(description="state")
+    def state(self, key: SigningKey) -> str:
+        return label("retired", "") if key.retired_at else label("current", "success")
+
+    @admin.display(description="PEM (for python -m compliance.verify_export --public-key)")
+    def public_key_pem(self, key: SigningKey) -> str:
+        return format_html(
+            '<pre class="bridge-json">{}</pre>',
+            proof.public_key_pem(proof.load_public_key(key.public_key)),
+        )
+
+    @admin.display(description="rotation")
+    def rotation_json(self, key: SigningKey) -> str:
+        return pretty_json(key.rotation) if key.rotation else "- (the first key)"

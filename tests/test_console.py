@@ -83,7 +83,7 @@ def test_a_compliance_officer_sees_the_compliance_panel_but_not_the_security_one
     for figure in SECURITY_FIGURES:
         assert figure not in page
     # verifications are jobs this role may see, so the platform panel is there too
-    assert shown_keys(client) == {"compliance", "recovery", "platform"}
+    assert shown_keys(client) == {"compliance", "compliance-checkpoints", "recovery", "platform"}
 
 
 def test_a_security_officer_sees_the_security_panel_and_not_the_audit_trail(security_officer):

@@ -135,9 +135,28 @@ SHOW_SETTINGS = LOAD_SETTINGS + (
 )
 
 
+def audit_key_file(var_dir: Path) -> str:
+    """A signing key of the test's own: production refuses to start without one."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    path = var_dir / "audit_signing_key.pem"
+    if not path.exists():
+        pem = Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        path.write_bytes(pem)
+        path.chmod(0o600)
+    return str(path)
+
+
 def settings_of(var_dir: Path, names: list[str], **env: str) -> dict:
     """The named settings as a fresh interpreter with only `env` computes them."""
     clean = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "BRIDGE_VAR_DIR": str(var_dir)}
+    if env.get("BRIDGE_ENV") == "production":
+        clean["AUDIT_SIGNING_KEY_FILE"] = audit_key_file(var_dir)
     clean.update(env)
     result = subprocess.run(
         [sys.executable, "-c", SHOW_SETTINGS, *names],
@@ -258,6 +277,7 @@ def deploy_check(var_dir: Path, **env: str) -> subprocess.CompletedProcess:
     clean = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "BRIDGE_VAR_DIR": str(var_dir)}
     clean.update(
         BRIDGE_ENV="production",
+        AUDIT_SIGNING_KEY_FILE=audit_key_file(var_dir),
         SECRET_KEY=secrets.token_urlsafe(50),
         ALLOWED_HOSTS="bridge.example.org",
         **env,

@@ -4,7 +4,7 @@ from django.utils import timezone
 from rest_framework import serializers
 
 from bridge.api import StrictCharField, StrictRegexField
-from compliance.models import AuditEvent, AuditVerification
+from compliance.models import AuditCheckpoint, AuditEvent, AuditVerification
 
 
 class AuditEventSerializer(serializers.ModelSerializer):
@@ -118,3 +118,52 @@ class VerificationSerializer(serializers.Serializer):
             return None
         now = self.context.get("now") or timezone.now()
         return round((now - run.finished_at).total_seconds(), 3)
+
+
+class CheckpointSerializer(serializers.ModelSerializer):
+    """A signed checkpoint, Bridge's copy, and whether every sink holds it."""
+
+    record = serializers.JSONField(
+        source="record_data", help_text="The record exactly as signed and written to the sinks."
+    )
+
+    class Meta:
+        model = AuditCheckpoint
+        fields = [
+            "number",
+            "seq",
+            "hash",
+            "created_at",
+            "key_id",
+            "signature",
+            "status",
+            "sinks_written",
+            "attempts",
+            "last_error",
+            "published_at",
+            "record",
+        ]
+        read_only_fields = fields
+
+
+class SigningKeySerializer(serializers.Serializer):
+    key_id = serializers.CharField()
+    public_key = serializers.CharField(help_text="Base64 of the 32 raw Ed25519 public key bytes.")
+    public_key_pem = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    retired_at = serializers.DateTimeField(allow_null=True)
+    current = serializers.BooleanField()
+
+
+class PublicKeySerializer(serializers.Serializer):
+    """The key checkpoints are signed with now, every earlier one, and the rotation records
+    (each signed by the old and the new key) that link them."""
+
+    algorithm = serializers.CharField()
+    key_id = serializers.CharField()
+    public_key = serializers.CharField(help_text="Base64 of the 32 raw Ed25519 public key bytes.")
+    public_key_pem = serializers.CharField(
+        help_text="Give this file to `python -m compliance.verify_export --public-key`."
+    )
+    keys = SigningKeySerializer(many=True)
+    rotations = serializers.ListField(child=serializers.DictField())

@@ -9,12 +9,18 @@ router.register("audit/events", views.AuditEventViewSet, basename="audit-event")
 router.register(
     "audit/verifications", views.AuditVerificationViewSet, basename="audit-verification"
 )
+router.register("audit/checkpoints", views.AuditCheckpointViewSet, basename="audit-checkpoint")
 
 urlpatterns = [
     path(
         "audit/verify",
         views.AuditVerificationViewSet.as_view({"get": "latest", "post": "start"}),
         name="audit-verify",
+    ),
+    path(
+        "audit/public-key",
+        views.AuditCheckpointViewSet.as_view({"get": "public_key"}),
+        name="audit-public-key",
     ),
     path("audit/log", views.AuditLogViewSet.as_view({"post": "create"}), name="audit-log"),
     *router.urls,

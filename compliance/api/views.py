@@ -19,11 +19,13 @@ from compliance import chain, services, verification
 from compliance.api.serializers import (
     AuditEventSerializer,
     AuditLogRequestSerializer,
+    CheckpointSerializer,
+    PublicKeySerializer,
     VerificationSerializer,
 )
 from compliance.choices import VerificationSource
-from compliance.filters import AuditEventFilter
-from compliance.models import AuditEvent, AuditVerification
+from compliance.filters import AuditEventFilter, CheckpointFilter
+from compliance.models import AuditCheckpoint, AuditEvent, AuditVerification
 
 
 class HeadCountPaginator(DjangoPaginator):
@@ -136,3 +138,34 @@ class AuditVerificationViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin,
             context=audit_context(request), source=VerificationSource.API
         )
         return accepted(job, request)
+
+
+@extend_schema_view(
+    list=extend_schema(tags=["compliance"], summary="Signed checkpoints, newest first"),
+    retrieve=extend_schema(tags=["compliance"], summary="One signed checkpoint by its number"),
+)
+class AuditCheckpointViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, BridgeViewSet):
+    """Bridge's copies of the signed checkpoints and their publishing state. Verification
+    trusts the sinks' copies; these show what was signed and whether every sink has it."""
+
+    serializer_class = CheckpointSerializer
+    filterset_class = CheckpointFilter
+    lookup_field = "number"
+    lookup_value_regex = r"[0-9]+"
+    required_permissions: ClassVar[dict[str, tuple[str, ...]]] = {
+        "list": ("compliance.view_auditcheckpoint",),
+        "retrieve": ("compliance.view_auditcheckpoint",),
+        "public_key": ("compliance.view_auditcheckpoint",),
+    }
+
+    def get_queryset(self) -> QuerySet[AuditCheckpoint]:
+        return AuditCheckpoint.objects.order_by("-number")
+
+    @extend_schema(
+        tags=["compliance"],
+        summary="The public keys that verify the checkpoints, with their key ids",
+        responses={200: PublicKeySerializer},
+        filters=False,
+    )
+    def public_key(self, request: Request) -> Response:
+        return Response(PublicKeySerializer(services.public_keys()).data)

@@ -597,7 +597,7 @@ def test_the_api_and_the_command_name_the_same_first_broken_event(verify):
     # then both name the event right after the gap, and the missing seqs
     assert body["ok"] is False
     assert body["first_broken_id"] == ids[5]
-    assert f"event id {ids[5]}:" in str(failure.value)
+    assert f"at seq 3 (event id {ids[5]})" in str(failure.value)
     assert "seq 3..5 are missing" in body["reason"] and "seq 3..5" in str(failure.value)
 
 

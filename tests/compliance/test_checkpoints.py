@@ -555,3 +555,113 @@ def test_the_offline_verifier_says_what_is_wrong_with_its_input(tmp_path):
     key = public_key_file(tmp_path, Ed25519PrivateKey.generate())
     code, output = run_offline([str(not_export), "--public-key", str(key)])
     assert code == 2 and "not a Bridge audit export" in output
+
+
+# --- API and keys -------------------------------------------------------------------------
+
+
+def test_the_public_key_is_published_with_its_id_and_verifies_the_checkpoints(
+    compliance_api, outsider_api, anon_api, tmp_path, settings
+):
+    settings.AUDIT_SIGNING_KEY_FILE = tmp_path / "k" / "audit.pem"
+    sealed_events(5)
+    made = checkpoints.make_checkpoint()
+    assert anon_api.get("/api/compliance/audit/public-key").status_code == 401
+    assert outsider_api.get("/api/compliance/audit/public-key").status_code == 403
+    body = compliance_api.get("/api/compliance/audit/public-key").json()
+    assert body["algorithm"] == "Ed25519" and body["key_id"] == made.key_id
+    assert [key["key_id"] for key in body["keys"] if key["current"]] == [made.key_id]
+    # the PEM an auditor downloads verifies an export offline
+    pem = tmp_path / "published.pem"
+    pem.write_text(body["public_key_pem"])
+    code, output = offline(tmp_path, pem)
+    assert code == 0, output
+    # and after a rotation both keys and the record linking them are listed
+    services.rotate_audit_signing_key(context=AuditContext.system())
+    body = compliance_api.get("/api/compliance/audit/public-key").json()
+    assert len(body["keys"]) == 2 and body["keys"][0]["retired_at"] is not None
+    assert body["rotations"][0]["old_key_id"] == made.key_id
+
+
+def test_checkpoints_are_listed_with_their_publishing_state(compliance_api, outsider_api):
+    sealed_events(5)
+    made = checkpoints.make_checkpoint()
+    listing = compliance_api.get("/api/compliance/audit/checkpoints?status=published").json()
+    assert [item["number"] for item in listing["results"]] == [made.number]
+    one = compliance_api.get(f"/api/compliance/audit/checkpoints/{made.number}").json()
+    assert one["record"]["signature"] == made.signature and one["sinks_written"] == ["directory"]
+    assert outsider_api.get("/api/compliance/audit/checkpoints").status_code == 403
+    bad = compliance_api.get("/api/compliance/audit/checkpoints?status=lost")
+    assert bad.status_code == 400 and "status" in bad.json()
+
+
+def test_a_development_key_is_generated_once_for_its_owner_only(tmp_path, settings):
+    settings.AUDIT_SIGNING_KEY_FILE = tmp_path / "fresh" / "audit.pem"
+    first = keys.audit_signing_key()
+    assert os.stat(settings.AUDIT_SIGNING_KEY_FILE).st_mode & 0o777 == 0o600
+    assert os.stat(tmp_path / "fresh").st_mode & 0o777 == 0o700
+    assert keys.audit_signing_key().key_id == first.key_id  # loaded, not generated again
+    os.chmod(settings.AUDIT_SIGNING_KEY_FILE, 0o644)
+    Path(settings.AUDIT_SIGNING_KEY_FILE).touch()
+    with pytest.raises(keys.SigningKeyError, match="readable by other users"):
+        keys.audit_signing_key()
+
+
+def test_production_refuses_to_start_without_a_signing_key_file(tmp_path):
+    from tests.test_settings import load_settings
+
+    production = {
+        "BRIDGE_ENV": "production",
+        "SECRET_KEY": "x" * 50,
+        "ALLOWED_HOSTS": "bridge.example.org",
+    }
+    refused = load_settings(tmp_path, **production)
+    assert refused.returncode != 0 and "AUDIT_SIGNING_KEY_FILE is not set" in refused.stderr
+    key_file = tmp_path / "audit.pem"
+    keys.write_key_file(key_file, Ed25519PrivateKey.generate(), replace=False)
+    started = load_settings(tmp_path, AUDIT_SIGNING_KEY_FILE=str(key_file), **production)
+    assert started.returncode == 0, started.stderr
+    without_audit = load_settings(tmp_path, ENABLE_AUDIT_LOGGING="false", **production)
+    assert without_audit.returncode == 0, without_audit.stderr
+
+
+# --- Console ------------------------------------------------------------------------------
+
+
+def test_the_console_shows_checkpoints_keys_and_a_failing_sink(admin_user, settings, tmp_path):
+    from tests.test_console import console_for
+
+    client = console_for(admin_user)
+    sealed_events(3)
+    made = checkpoints.make_checkpoint()
+    # the panel: anchored, naming the last checkpoint and the key
+    content = next(
+        shown.content
+        for shown in client.get("/admin/").context["panels"]
+        if shown.panel.key == "compliance-checkpoints"
+    )
+    figures = {figure.label: figure.value for figure in content.figures}
+    assert content.state == "ok" and figures["last checkpoint"] == f"#1 at seq {made.seq}"
+    assert figures["signing key"] == made.key_id
+    # the checkpoint and key pages, the PEM an auditor copies
+    page = client.get("/admin/compliance/auditcheckpoint/").content.decode()
+    assert made.key_id in page and "Published to every sink" in page
+    key = keys.register_public_key(keys.audit_signing_key().public)
+    detail = client.get(f"/admin/security/signingkey/{key.pk}/change/").content.decode()
+    assert "BEGIN PUBLIC KEY" in detail
+    # a sink that fails turns the panel to warn, naming the checkpoint
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    settings.AUDIT_CHECKPOINT_DIR = blocker / "sink"
+    record(2, "x")
+    chain.seal_all_pending()
+    checkpoints.make_checkpoint()
+    content = next(
+        shown.content
+        for shown in client.get("/admin/").context["panels"]
+        if shown.panel.key == "compliance-checkpoints"
+    )
+    figures = {figure.label: figure for figure in content.figures}
+    assert content.state == "warn" and content.badge == "sink failing"
+    assert "checkpoint #2 not written" in figures["waiting for a sink"].hint
+    assert [row.value for row in content.rows] == ["failing"]

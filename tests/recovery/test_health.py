@@ -27,7 +27,7 @@ UNREACHABLE_BROKER = "redis://127.0.0.1:1/0"
 BROKER_PASSWORD = "s3cret-broker-pw"
 REDIS_PASSWORD = "s3cret-redis-pw"
 CRITICAL = ["database", "cache", "broker"]
-BACKGROUND = ["worker", "beat", "audit", "verification"]
+BACKGROUND = ["worker", "beat", "audit", "verification", "checkpoints"]
 
 
 @pytest.fixture(autouse=True)
