@@ -345,8 +345,10 @@ def rotate_audit_signing_key(
                 "key_file_replaced": new_key_file is None,
             },
         )
-        if new_key_file is None:
-            # Last, inside the transaction: a failed write leaves neither record nor key.
-            keys.write_key_file(current.path, new, replace=True)
+    if new_key_file is None:
+        # Only once the record linking the keys is committed: a process signing with the new
+        # key a moment earlier would make a checkpoint nobody could trust yet. A write that
+        # fails here leaves the old key signing, still trusted; the rotation can be run again.
+        keys.write_key_file(current.path, new, replace=True)
     log.warning("audit signing key rotated: %s -> %s", current.key_id, new_id)
     return row

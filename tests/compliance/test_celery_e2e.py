@@ -118,6 +118,40 @@ def test_a_real_worker_runs_a_verification_job_to_its_result(worker_queue, tmp_p
     assert job.status == JobStatus.SUCCEEDED, f"job {job.status}: {job.error}; worker log:\n{log}"
     assert job.result["ok"] is True
     assert job.result["checked"] == EVENTS
+    # the worker signed a checkpoint first (with the key file this process trusts) and held
+    # the chain to it
+    assert job.result["checkpoints"] == 1
     assert (job.progress_done, job.progress_total) == (EVENTS, EVENTS)
     assert job.started_at is not None and job.finished_at >= job.started_at
     assert Job.objects.filter(kind=job.kind).count() == 1
+
+
+def test_a_real_worker_signs_a_checkpoint_into_the_sink_this_process_verifies(
+    worker_queue, tmp_path, checkpoint_dir
+):
+    import json
+
+    from compliance import chain
+    from compliance.models import AuditCheckpoint
+    from compliance.tasks import checkpoint_audit_chain_task
+
+    # given a sealed chain
+    for n in range(EVENTS):
+        audit.record_event(action=f"custom.cp{n}")
+    chain.seal_all_pending()
+    # when the checkpoint task goes through the broker to the worker
+    checkpoint_audit_chain_task.apply_async(queue=worker_queue)
+    deadline = time.monotonic() + SEAL_TIMEOUT
+    while (
+        time.monotonic() < deadline
+        and not AuditCheckpoint.objects.filter(status="published").exists()
+    ):
+        time.sleep(0.25)
+    # then the worker wrote it to the directory sink, signed, and it anchors this chain
+    log = (tmp_path / "worker.log").read_text()
+    made = AuditCheckpoint.objects.filter(status="published").first()
+    assert made is not None, f"no checkpoint within {SEAL_TIMEOUT}s; worker log:\n{log}"
+    (line,) = [json.loads(text) for f in checkpoint_dir.glob("*.jsonl") for text in f.open()]
+    assert (line["number"], line["seq"], line["signature"]) == (1, EVENTS, made.signature)
+    result = verification.check_chain()
+    assert (result.ok, result.checkpoints) == (True, 1), result.reason
