@@ -73,7 +73,7 @@ def canonical_json(value: Any) -> str:
 _encode_text = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) uses
 
 
-def _json_value(value: Any) -> str:
+def json_value(value: Any) -> str:
     # The canonical_json spelling of one value of an event row (str, int, float or None).
     if value is None:
         return "null"
@@ -107,7 +107,7 @@ def row_canonical(version: int, columns: tuple[str, ...]) -> Callable[[tuple], s
     steps = list(zip(prefixes, [position.get(key, -1) for key in keys], strict=True))
     time_at = position["occurred_at"]
     version_text = str(version)
-    value_text = _json_value
+    value_text = json_value
 
     def canonical(row: tuple) -> str:
         parts = []
@@ -460,16 +460,19 @@ def merge_by_number(*sources: Iterable[CheckpointCopy]) -> Iterator[CheckpointCo
 
 
 class ChainWalker:
-    """Checks rows (in ROW_COLUMNS order, seq ascending) against each other and the anchors.
+    """Checks rows (seq ascending; seq, prev_hash, hash, hash_version first) against each
+    other and the anchors.
 
     Each row must follow the previous one (seq + 1, its prev_hash the previous hash), hash to
     its stored hash with its own hash version, and, where a checkpoint signed the hash at its
     seq, equal that. A rewrite that recomputed every later hash passes the first three and
     fails the last, at the first signed seq it changed.
 
-    `start_hash=None` starts at whatever the first row links to: an export of a later range,
-    which the checkpoints inside it anchor. `start_seq`/`start_hash` continue from a known
-    point (the checkpointer walks only the range since the last checkpoint).
+    Rows are ROW_COLUMNS tuples unless `hasher_for(version)` says how to hash another shape
+    (verification on PostgreSQL reads the canonical text ready-made) and `id_at` where the
+    event id is. `start_seq`/`start_hash` continue from a known point (the checkpointer walks
+    the range since the last checkpoint); None starts at whatever the first row says (an
+    export of a later range, which the checkpoints inside it anchor).
     """
 
     def __init__(
@@ -478,52 +481,100 @@ class ChainWalker:
         *,
         start_hash: str | None = GENESIS_HASH,
         start_seq: int | None = 1,
+        hasher_for: Callable[[int], Callable[[tuple], str]] | None = None,
+        id_at: int = _ID_AT,
     ) -> None:
         self._anchors = iter(anchors)
         self._anchor = next(self._anchors, None)
         self._prev = start_hash
-        self._expected = start_seq if start_hash is not None else None
+        self._expected = start_seq
+        self._hasher_for = hasher_for or (lambda version: row_hasher(version, ROW_COLUMNS))
         self._hashers: dict[int, Callable[[tuple], str]] = {}
+        self._id_at = id_at
         self.checked = 0
-        self.last_seq = None if self._expected is None else self._expected - 1
+        self.last_seq = None if start_seq is None else start_seq - 1
+
+    def _begin(self, row: tuple) -> None:
+        # An export of a later range: the first row says where the walk starts.
+        if self._expected is None:
+            self._expected = row[0]
+            self.last_seq = row[0] - 1
+        if self._prev is None:
+            self._prev = row[1]
+        while self._anchor is not None and self._anchor.seq < self._expected:
+            self._anchor = next(self._anchors, None)
+
+    def _hasher(self, version: int) -> Callable[[tuple], str] | None:
+        hasher = self._hashers.get(version)
+        if hasher is None and version in HASH_VERSIONS:
+            hasher = self._hashers[version] = self._hasher_for(version)
+        return hasher
 
     def feed(self, row: tuple) -> Problem | None:
-        seq, prev_hash, stored_hash, version = row[0], row[1], row[2], row[3]
-        event_id = row[_ID_AT]
-        if self._expected is None:
-            self._expected, self._prev = seq, prev_hash
-            while self._anchor is not None and self._anchor.seq < seq:
-                self._anchor = next(self._anchors, None)
-        if seq != self._expected:
-            return Problem(
-                f"event(s) with seq {self._expected}..{seq - 1} are missing",
-                seq=self._expected,
-                event_id=event_id,
-            )
-        if prev_hash != self._prev:
-            return Problem("prev_hash does not match the event before", seq, event_id)
-        hasher = self._hashers.get(version)
-        if hasher is None:
-            if version not in HASH_VERSIONS:
-                return Problem(f"unknown hash_version {version}", seq, event_id)
-            hasher = self._hashers[version] = row_hasher(version, ROW_COLUMNS)
-        if hasher(row) != stored_hash:
-            return Problem("content does not match its hash", seq, event_id)
-        while self._anchor is not None and self._anchor.seq == seq:
-            if self._anchor.hash != stored_hash:
-                return Problem(
-                    f"seq {seq} differs from the hash signed in checkpoint "
-                    f"#{self._anchor.checkpoint}: history was rewritten",
-                    seq,
-                    event_id,
-                    self._anchor.checkpoint,
+        """Check one row; the first problem found, or None."""
+        return self.walk((row,))
+
+    def walk(
+        self,
+        rows: Iterable[tuple],
+        on_progress: Callable[[int], None] | None = None,
+        every: int = 20_000,
+    ) -> Problem | None:
+        """Check rows until the first problem (returned) or their end (None).
+
+        One loop with the state in locals: this runs a million times per verification.
+        `on_progress(checked)` is called every `every` rows.
+        """
+        expected, prev, checked = self._expected, self._prev, self.checked
+        anchor, anchors, id_at = self._anchor, self._anchors, self._id_at
+        hashers = self._hashers
+        problem = None
+        started = expected is not None and prev is not None
+        for row in rows:
+            if not started:
+                self._begin(row)
+                expected, prev, anchor = self._expected, self._prev, self._anchor
+                started = True
+            seq = row[0]
+            if seq != expected:
+                problem = Problem(
+                    f"event(s) with seq {expected}..{seq - 1} are missing",
+                    seq=expected,
+                    event_id=row[id_at],
                 )
-            self._anchor = next(self._anchors, None)
-        self._prev = stored_hash
-        self._expected = seq + 1
-        self.last_seq = seq
-        self.checked += 1
-        return None
+                break
+            if row[1] != prev:
+                problem = Problem("prev_hash does not match the event before", seq, row[id_at])
+                break
+            hasher = hashers.get(row[3]) or self._hasher(row[3])
+            if hasher is None:
+                problem = Problem(f"unknown hash_version {row[3]}", seq, row[id_at])
+                break
+            stored = row[2]
+            if hasher(row) != stored:
+                problem = Problem("content does not match its hash", seq, row[id_at])
+                break
+            while anchor is not None and anchor.seq == seq:
+                if anchor.hash != stored:
+                    problem = Problem(
+                        f"seq {seq} differs from the hash signed in checkpoint "
+                        f"#{anchor.checkpoint}: history was rewritten",
+                        seq,
+                        row[id_at],
+                        anchor.checkpoint,
+                    )
+                    break
+                anchor = next(anchors, None)
+            if problem is not None:
+                break
+            prev, expected = stored, seq + 1
+            checked += 1
+            if on_progress is not None and checked % every == 0:
+                on_progress(checked)
+        self._expected, self._prev, self._anchor, self.checked = expected, prev, anchor, checked
+        if checked and expected is not None:
+            self.last_seq = expected - 1
+        return problem
 
     @property
     def last_hash(self) -> str | None:

@@ -6,6 +6,8 @@ latest finished one; the CLI runs the same job inline to print its progress.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import queue
 import threading
@@ -17,8 +19,9 @@ from django.db import connection, transaction
 from bridge.choices import JobStatus
 from bridge.jobs import Progress, start_job
 from bridge.models import Job
+from compliance import proof
 from compliance.audit import AuditContext, iso, record_event
-from compliance.chain import _EVENT_FIELDS, GENESIS_HASH, chain_head, unsealed_count
+from compliance.chain import _EVENT_FIELDS, GENESIS_HASH, HASH_VERSIONS, chain_head, unsealed_count
 from compliance.checkpoints import CheckpointRefused, make_checkpoint, review_checkpoints
 from compliance.choices import VERIFY_JOB_KIND, AuditAction, VerificationSource
 from compliance.models import AuditEvent, AuditSeal, AuditVerification
@@ -58,25 +61,96 @@ def _rows_orm(head_seq: int, after_seq: int) -> Iterator[tuple]:
         yield (*row[:time_at], iso(row[time_at]), *row[time_at + 1 :])
 
 
-def _postgres_sql() -> str:
+_TIME_SQL = "to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US') || '+00:00'"
+
+
+def _from_sql() -> str:
     quote = connection.ops.quote_name
     seals, events = quote(AuditSeal._meta.db_table), quote(AuditEvent._meta.db_table)
+    # Identifiers from our own models only; the two values are parameters.
+    return (
+        f"FROM {seals} s JOIN {events} e ON e.{quote('id')} = s.{quote('event_id')} "
+        f"WHERE s.{quote('seq')} > %s AND s.{quote('seq')} <= %s ORDER BY s.{quote('seq')}"
+    )
+
+
+def _postgres_sql() -> str:
+    """Rows in ROW_COLUMNS order."""
+    quote = connection.ops.quote_name
     selected = [f"s.{quote(name)}" for name in _COLUMNS[:4]]
     for name in _EVENT_FIELDS:
         column = f"e.{quote(name)}"
         if name == "occurred_at":
             # PostgreSQL writes the time as iso() would (UTC, microseconds): parsing it into a
             # datetime and formatting it back was a third of the work per event.
-            column = (
-                f"to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US') || '+00:00'"
-            )
+            column = _TIME_SQL.format(column)
         selected.append(column)
-    # Identifiers from our own models only; the one value is a parameter.
-    return (
-        f"SELECT {', '.join(selected)} FROM {seals} s "  # noqa: S608
-        f"JOIN {events} e ON e.{quote('id')} = s.{quote('event_id')} "
-        f"WHERE s.{quote('seq')} > %s AND s.{quote('seq')} <= %s ORDER BY s.{quote('seq')}"
-    )
+    return f"SELECT {', '.join(selected)} {_from_sql()}"
+
+
+# What the fast verification reads: the seal, the event id, and the event's canonical JSON as
+# PostgreSQL writes it, in two parts around latency_ms (a float, which PostgreSQL would spell
+# "12" where Python's repr, and so the hash, has "12.0"). Strings and numbers come out of
+# to_json() escaped exactly as json.dumps(ensure_ascii=False) escapes them; a property test
+# holds the two equal on generated rows, and any difference could only ever make an intact
+# event fail, never a changed one pass: the bytes hashed are compared with the stored hash.
+CANONICAL_COLUMNS = ("seq", "prev_hash", "hash", "hash_version", "id", "head", "latency", "tail")
+
+
+def _canonical_parts(version: int) -> tuple[str, str]:
+    """SQL text expressions for the canonical JSON before and after latency_ms's value."""
+    quote = connection.ops.quote_name
+    names = HASH_VERSIONS[version]
+    keys = sorted([*names, "hash_version"] if version > 1 else names)
+    head: list[str] = []
+    tail: list[str] | None = None
+    for n, key in enumerate(keys):
+        literal = ("{" if n == 0 else ",") + json.dumps(key) + ":"
+        parts = tail if tail is not None else head
+        parts.append("'" + literal.replace("'", "''") + "'")
+        if key == "latency_ms":
+            tail = []
+            continue
+        if key == "hash_version":
+            value = f"'{int(version)}'"
+        elif key in ("seq", "prev_hash"):
+            value = f"to_json(s.{quote(key)})::text"
+        elif key == "occurred_at":
+            value = f"to_json({_TIME_SQL.format('e.' + quote(key))})::text"
+        else:
+            value = f"COALESCE(to_json(e.{quote(key)})::text, 'null')"
+        parts.append(value)
+    (tail if tail is not None else head).append("'}'")
+    return " || ".join(head), (" || ".join(tail) if tail is not None else "NULL")
+
+
+def _canonical_sql() -> str:
+    quote = connection.ops.quote_name
+    heads, tails = [], []
+    for version in sorted(HASH_VERSIONS):
+        head, tail = _canonical_parts(version)
+        heads.append(f"WHEN {int(version)} THEN {head}")
+        tails.append(f"WHEN {int(version)} THEN {tail}")
+    selected = [
+        *(f"s.{quote(name)}" for name in CANONICAL_COLUMNS[:4]),
+        f"e.{quote('id')}",
+        f"CASE s.{quote('hash_version')} {' '.join(heads)} END",
+        f"e.{quote('latency_ms')}",
+        f"CASE s.{quote('hash_version')} {' '.join(tails)} END",
+    ]
+    return f"SELECT {', '.join(selected)} {_from_sql()}"
+
+
+def canonical_hasher(version: int) -> Callable[[tuple], str]:
+    """The hash of a CANONICAL_COLUMNS row: the two parts joined around latency_ms."""
+    sha256, value_text = hashlib.sha256, proof.json_value
+
+    def hasher(row: tuple) -> str:
+        tail = row[7]
+        text = row[5] if tail is None else row[5] + value_text(row[6]) + tail
+        return sha256(text.encode("utf-8")).hexdigest()
+
+    return hasher
 
 
 def _batches(sql: str, bounds: list[int], stop: threading.Event) -> Iterator[list[tuple]]:
@@ -95,7 +169,7 @@ def _batches(sql: str, bounds: list[int], stop: threading.Event) -> Iterator[lis
                 yield batch
 
 
-def _rows_postgres(head_seq: int, after_seq: int) -> Iterator[tuple]:
+def _rows_postgres(head_seq: int, after_seq: int, sql: str | None = None) -> Iterator[tuple]:
     """Rows in `_COLUMNS` order from a server-side cursor.
 
     In a worker (no surrounding transaction) a second thread reads the next batches on its
@@ -104,7 +178,7 @@ def _rows_postgres(head_seq: int, after_seq: int) -> Iterator[tuple]:
     uncommitted rows another connection could not see) it reads on this thread.
     """
     stop = threading.Event()
-    sql = _postgres_sql()
+    sql = sql or _postgres_sql()
     bounds = [after_seq, head_seq]
     if connection.in_atomic_block:
         for batch in _batches(sql, bounds, stop):
@@ -167,15 +241,14 @@ def check_chain(*, on_progress: Callable[[int, int], None] | None = None) -> Cha
     head_hash = head.last_hash if head else GENESIS_HASH
     unsealed = unsealed_count()
     review = review_checkpoints()
-    walker = ChainWalker(review.anchors())
-    problem = None
-    for row in chain_rows(head_seq):
-        problem = walker.feed(row)
-        if problem is not None:
-            break
-        if on_progress and walker.checked % PROGRESS_EVERY == 0:
-            on_progress(walker.checked, head_seq)
+    if connection.vendor == "postgresql":
+        rows = _rows_postgres(head_seq, 0, _canonical_sql())
+        walker = ChainWalker(review.anchors(), hasher_for=canonical_hasher, id_at=4)
     else:
+        rows, walker = chain_rows(head_seq), ChainWalker(review.anchors())
+    report = on_progress and (lambda checked: on_progress(checked, head_seq))
+    problem = walker.walk(rows, report, PROGRESS_EVERY)
+    if problem is None:
         problem = walker.finish()
         if problem is None and (walker.last_seq != head_seq or walker.last_hash != head_hash):
             problem = Problem(

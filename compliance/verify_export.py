@@ -90,8 +90,11 @@ def verify_export(path: Path, public_keys: list[Any]) -> Verdict:
         first_number=header.get("first_checkpoint"),
     )
     first_seq = header.get("first_seq")
+    from_genesis = first_seq in (None, 1)
     walker = proof.ChainWalker(
-        review.anchors(), start_hash=proof.GENESIS_HASH if first_seq in (None, 1) else None
+        review.anchors(),
+        start_hash=proof.GENESIS_HASH if from_genesis else None,
+        start_seq=1 if from_genesis else None,
     )
     problem: proof.Problem | None = None
     end: dict[str, Any] | None = None

@@ -5,12 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compliance import audit, chain, verification
+from compliance import audit, chain, proof, verification
 from compliance.audit import iso
 from compliance.chain import _EVENT_FIELDS, event_hash, row_hasher
+from compliance.proof import row_canonical
 
 COLUMNS = ("seq", "prev_hash", "hash", "hash_version", *_EVENT_FIELDS)
 text = st.text(max_size=40)  # every code point: quotes, backslashes, controls, astral
@@ -92,3 +93,63 @@ def test_verification_streams_the_chain_in_batches_and_finds_a_break_in_a_later_
     # then the break is named, whichever batch it is in
     result = verification.check_chain()
     assert (result.ok, result.first_broken_id, result.checked) == (False, victim.pk, 33)
+
+
+# PostgreSQL text holds no NUL; column widths as the model declares them.
+pg_characters = st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")
+pg_text = st.text(alphabet=pg_characters, max_size=30)
+stored_events = st.lists(
+    st.fixed_dictionaries(
+        {
+            "occurred_at": st.datetimes(
+                min_value=datetime(2000, 1, 1),
+                max_value=datetime(2100, 1, 1),
+                timezones=st.just(UTC),
+            ),
+            "actor_id": maybe_int,
+            "actor_username": pg_text,
+            "client_ip": st.none() | st.ip_addresses().map(str),
+            "request_id": pg_text,
+            "action": pg_text,
+            "object_type": pg_text,
+            "object_id": pg_text,
+            "method": st.text(alphabet=pg_characters, max_size=10),
+            "path": pg_text,
+            "status_code": st.none() | st.integers(min_value=0, max_value=32767),
+            "latency_ms": st.none() | finite,
+            "details": pg_text,
+        }
+    ),
+    min_size=1,
+    max_size=25,
+)
+
+
+# The examples share one test's database: each adds events to the chain and verifies it all.
+@pytest.mark.django_db
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(stored_events)
+def test_postgresql_writes_the_canonical_json_python_hashes_for_any_stored_event(postgres, rows):
+    from django.db import connection
+
+    from compliance.audit import bulk_insert
+    from compliance.models import AuditEvent
+
+    # given any events, stored as they are and sealed by the sealer (Python's canonical JSON)
+    columns = tuple(rows[0])
+    bulk_insert(AuditEvent, columns, [tuple(row[name] for name in columns) for row in rows])
+    chain.seal_all_pending()
+    head = chain.chain_head().last_seq
+    # then the text PostgreSQL builds hashes to every seal, and the fast walk verifies them
+    python_rows = {row[0]: row for row in verification.chain_rows(head)}
+    with connection.cursor() as cursor:
+        cursor.execute(verification._canonical_sql(), [0, head])
+        for row in cursor.fetchall():
+            canonical = row[5] + proof.json_value(row[6]) + row[7]
+            expected = row_canonical(row[3], COLUMNS)(python_rows[row[0]])
+            assert canonical == expected
+            assert verification.canonical_hasher(row[3])(row) == row[2]
+    result = verification.check_chain()
+    assert result.ok, result.reason
