@@ -31,7 +31,6 @@ ROLE_PERMISSIONS: dict[Role, tuple[str, ...]] = {
     Role.SECURITY_OFFICER: (
         "security.view_*",
         "security.revoke_tokenfamily",
-        "security.rotate_signingkey",
         "compliance.view_auditcheckpoint",
         "axes.view_*",
         "axes.delete_accessattempt",

@@ -128,10 +128,12 @@ def publish_pending(sinks: list[CheckpointSink] | None = None) -> int:
     return remaining
 
 
-def _range_rows(after_seq: int, to_seq: int) -> Iterator[tuple]:
-    from compliance.verification import chain_rows
-
-    return chain_rows(to_seq, after_seq=after_seq)
+def _noting(rows: Iterator[tuple], wanted: set[int], out: list[list]) -> Iterator[tuple]:
+    """The rows, noting [seq, hash] of those whose seq is wanted (rows start seq, prev, hash)."""
+    for row in rows:
+        if row[0] in wanted:
+            out.append([row[0], row[2]])
+        yield row
 
 
 def make_checkpoint(*, force: bool = False) -> AuditCheckpoint | None:
@@ -142,6 +144,7 @@ def make_checkpoint(*, force: bool = False) -> AuditCheckpoint | None:
     (CheckpointRefused, recorded as `audit.checkpoint_not_signed`). Two callers at once: one
     wins the number, the other returns None.
     """
+    from compliance.verification import walk_of
     from security.keys import audit_signing_key
 
     sinks = configured_sinks()
@@ -154,20 +157,12 @@ def make_checkpoint(*, force: bool = False) -> AuditCheckpoint | None:
     previous_seq = last.seq if last else 0
     if last and last.seq >= seq and not force:
         return None
-    walker = proof.ChainWalker(
-        [],
-        start_hash=last.hash if last else proof.GENESIS_HASH,
-        start_seq=previous_seq + 1,
+    wanted = set(proof.waypoint_seqs(previous_seq, seq, settings.AUDIT_CHECKPOINT_WAYPOINTS))
+    waypoints: list[list] = []
+    walker, rows = walk_of(
+        seq, after_seq=previous_seq, start_hash=last.hash if last else proof.GENESIS_HASH
     )
-    waypoint_seqs = set(proof.waypoint_seqs(previous_seq, seq, settings.AUDIT_CHECKPOINT_WAYPOINTS))
-    waypoints = []
-    problem = None
-    for row in _range_rows(previous_seq, seq):
-        problem = walker.feed(row)
-        if problem:
-            break
-        if row[0] in waypoint_seqs:
-            waypoints.append([row[0], row[2]])
+    problem = walker.walk(_noting(rows, wanted, waypoints))
     problem = problem or (
         None
         if walker.last_hash == hash_ and walker.last_seq == seq

@@ -11,7 +11,7 @@ import json
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 
 from django.db import connection, transaction
@@ -49,6 +49,9 @@ class ChainCheck:
 # The columns a verification reads, in this order: the seal's, then the event's.
 _COLUMNS = ROW_COLUMNS
 _BATCH = 5000
+# Parallel readers of the chain on PostgreSQL, each taking alternate ranges of CHUNK seqs.
+READERS = 2
+CHUNK = 50_000
 
 
 def _rows_orm(head_seq: int, after_seq: int) -> Iterator[tuple]:
@@ -111,12 +114,19 @@ def _canonical_parts(version: int) -> tuple[str, str]:
         if key == "latency_ms":
             tail = []
             continue
+        # to_json() only where a value may need escaping: it is most of the server's work.
+        # Numbers, the hex prev_hash and the formatted time never do (and a tampered one
+        # that would still fails its hash, as it should).
         if key == "hash_version":
             value = f"'{int(version)}'"
-        elif key in ("seq", "prev_hash"):
-            value = f"to_json(s.{quote(key)})::text"
+        elif key == "seq":
+            value = f"s.{quote(key)}::text"
+        elif key == "prev_hash":
+            value = f"'\"' || s.{quote(key)} || '\"'"
+        elif key in ("id", "actor_id", "status_code"):
+            value = f"COALESCE(e.{quote(key)}::text, 'null')"
         elif key == "occurred_at":
-            value = f"to_json({_TIME_SQL.format('e.' + quote(key))})::text"
+            value = "'\"' || " + _TIME_SQL.format("e." + quote(key)) + " || '\"'"
         else:
             value = f"COALESCE(to_json(e.{quote(key)})::text, 'null')"
         parts.append(value)
@@ -170,48 +180,62 @@ def _batches(sql: str, bounds: list[int], stop: threading.Event) -> Iterator[lis
 
 
 def _rows_postgres(head_seq: int, after_seq: int, sql: str | None = None) -> Iterator[tuple]:
-    """Rows in `_COLUMNS` order from a server-side cursor.
+    """Rows in seq order from server-side cursors.
 
-    In a worker (no surrounding transaction) a second thread reads the next batches on its
-    own connection into a short queue while this one hashes: psycopg2 and the server work
-    meanwhile, and reading and hashing overlap. Inside a caller's transaction (whose
-    uncommitted rows another connection could not see) it reads on this thread.
+    In a worker (no surrounding transaction) READERS threads, each on its own connection, read
+    alternate CHUNK-seq ranges ahead into queues while this thread hashes: PostgreSQL builds
+    the rows of two ranges at once in two backends, and the waits for the server overlap with
+    the hashing. Inside a caller's transaction (whose uncommitted rows another connection could
+    not see) it reads on this thread.
     """
     stop = threading.Event()
     sql = sql or _postgres_sql()
-    bounds = [after_seq, head_seq]
     if connection.in_atomic_block:
-        for batch in _batches(sql, bounds, stop):
+        for batch in _batches(sql, [after_seq, head_seq], stop):
             yield from batch
         return
-    pipe: queue.Queue = queue.Queue(maxsize=4)
+    chunks = [(low, min(low + CHUNK, head_seq)) for low in range(after_seq, head_seq, CHUNK)] or [
+        (after_seq, head_seq)
+    ]
+    readers = min(READERS, len(chunks))
+    # Room for a whole chunk per reader: the one not being hashed reads its range meanwhile.
+    pipes = [queue.Queue(maxsize=CHUNK // _BATCH + 2) for _ in range(readers)]
 
-    def read() -> None:
+    def read(index: int) -> None:
         from django.db import connection as own
 
+        pipe = pipes[index]
         try:
-            for batch in _batches(sql, bounds, stop):
-                _put(pipe, stop, batch)
-            _put(pipe, stop, None)
+            for bounds in chunks[index::readers]:
+                for batch in _batches(sql, list(bounds), stop):
+                    _put(pipe, stop, batch)
+                _put(pipe, stop, None)
         except BaseException as exc:
             _put(pipe, stop, exc)
         finally:
             own.close()
 
-    reader = threading.Thread(target=read, name="verify-reader", daemon=True)
-    reader.start()
+    threads = [
+        threading.Thread(target=read, args=(index,), name=f"verify-reader-{index}", daemon=True)
+        for index in range(readers)
+    ]
+    for thread in threads:
+        thread.start()
     try:
-        while True:
-            batch = pipe.get()
-            if batch is None:
-                return
-            if isinstance(batch, BaseException):
-                raise batch
-            yield from batch
+        for number in range(len(chunks)):
+            pipe = pipes[number % readers]
+            while True:
+                batch = pipe.get()
+                if batch is None:
+                    break
+                if isinstance(batch, BaseException):
+                    raise batch
+                yield from batch
     finally:
-        # A break found, a cancel, an error: the reader stops at its next batch.
+        # A break found, a cancel, an error: the readers stop at their next batch.
         stop.set()
-        reader.join(timeout=30)
+        for thread in threads:
+            thread.join(timeout=30)
 
 
 def _put(batches: queue.Queue, stop: threading.Event, item: object) -> None:
@@ -230,6 +254,28 @@ def chain_rows(head_seq: int, *, after_seq: int = 0) -> Iterator[tuple]:
     return _rows_orm(head_seq, after_seq)
 
 
+def walk_of(
+    head_seq: int,
+    *,
+    after_seq: int = 0,
+    start_hash: str = GENESIS_HASH,
+    anchors: Iterable[proof.Anchor] = (),
+) -> tuple[ChainWalker, Iterator[tuple]]:
+    """A walker and the rows of (after_seq, head_seq] it should walk: on PostgreSQL the
+    canonical text built by the server and read by parallel readers, elsewhere ORM rows."""
+    if connection.vendor == "postgresql":
+        walker = ChainWalker(
+            anchors,
+            start_hash=start_hash,
+            start_seq=after_seq + 1,
+            hasher_for=canonical_hasher,
+            id_at=CANONICAL_COLUMNS.index("id"),
+        )
+        return walker, _rows_postgres(head_seq, after_seq, _canonical_sql())
+    walker = ChainWalker(anchors, start_hash=start_hash, start_seq=after_seq + 1)
+    return walker, _rows_orm(head_seq, after_seq)
+
+
 def check_chain(*, on_progress: Callable[[int, int], None] | None = None) -> ChainCheck:
     """Recompute every sealed event's hash and link, in seq order, up to the current head, and
     hold the chain to every signed checkpoint found in the sinks (`compliance.proof`).
@@ -241,11 +287,7 @@ def check_chain(*, on_progress: Callable[[int, int], None] | None = None) -> Cha
     head_hash = head.last_hash if head else GENESIS_HASH
     unsealed = unsealed_count()
     review = review_checkpoints()
-    if connection.vendor == "postgresql":
-        rows = _rows_postgres(head_seq, 0, _canonical_sql())
-        walker = ChainWalker(review.anchors(), hasher_for=canonical_hasher, id_at=4)
-    else:
-        rows, walker = chain_rows(head_seq), ChainWalker(review.anchors())
+    walker, rows = walk_of(head_seq, anchors=review.anchors())
     report = on_progress and (lambda checked: on_progress(checked, head_seq))
     problem = walker.walk(rows, report, PROGRESS_EVERY)
     if problem is None:

@@ -96,20 +96,24 @@ def verify_export(path: Path, public_keys: list[Any]) -> Verdict:
         start_hash=proof.GENESIS_HASH if from_genesis else None,
         start_seq=1 if from_genesis else None,
     )
-    problem: proof.Problem | None = None
-    end: dict[str, Any] | None = None
-    for item in _lines(path):
-        kind = item.get("type")
-        if kind == "end":
-            end = item
-            continue
-        if kind != "event" or problem is not None:
-            continue
-        try:
-            row = tuple(item[name] for name in proof.ROW_COLUMNS)
-        except KeyError as exc:
-            raise ExportUnreadable(f"an event line lacks {exc.args[0]}") from exc
-        problem = walker.feed(row)
+    ends: list[dict[str, Any]] = []
+
+    def event_rows() -> Iterator[tuple]:
+        for item in _lines(path):
+            kind = item.get("type")
+            if kind == "event":
+                try:
+                    yield tuple(item[name] for name in proof.ROW_COLUMNS)
+                except KeyError as exc:
+                    raise ExportUnreadable(f"an event line lacks {exc.args[0]}") from exc
+            elif kind == "end":
+                ends.append(item)
+
+    rows = event_rows()
+    problem = walker.walk(rows)
+    for _ in rows:  # after a problem: read on to the end line, to tell a cut-off file
+        pass
+    end = ends[-1] if ends else None
     if end is None:
         raise ExportUnreadable("the export ends before its end line (cut off?)")
     if problem is None:

@@ -75,7 +75,6 @@ class SigningKey(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
-        permissions = [("rotate_signingkey", "Can rotate the audit signing key")]
 
     def __str__(self) -> str:
         return self.key_id

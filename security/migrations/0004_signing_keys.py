@@ -33,7 +33,6 @@ class Migration(migrations.Migration):
             ],
             options={
                 "ordering": ["-created_at"],
-                "permissions": [("rotate_signingkey", "Can rotate the audit signing key")],
             },
         ),
     ]

@@ -78,11 +78,13 @@ def test_the_fast_hash_refuses_what_canonical_json_refuses():
 
 
 @pytest.mark.django_db(transaction=True)
-def test_verification_streams_the_chain_in_batches_and_finds_a_break_in_a_later_one(monkeypatch):
+def test_verification_streams_the_chain_in_ranges_and_finds_a_break_in_a_later_one(monkeypatch):
     from tests.conftest import bypass_triggers
 
-    # given more events than one batch, with one far into the chain rewritten
+    # given more events than one batch and one range per reader, one far into the chain
+    # rewritten
     monkeypatch.setattr(verification, "_BATCH", 7)
+    monkeypatch.setattr(verification, "CHUNK", 10)
     base = datetime(2026, 1, 1, tzinfo=UTC)
     for n in range(40):
         audit.record_event(action=f"custom.s{n}", occurred_at=base + timedelta(microseconds=n))
