@@ -2,8 +2,9 @@
 
 An export is JSON lines, streamed in constant memory: a header, the key rotation records, every
 copy of the checkpoints that anchor the range (from the sinks and the database, each marked with
-where it came from), the sealed events in seq order with their seals, and an end line with the
-counts, so a cut-off file is told from a complete one. `python -m compliance.verify_export`
+where it came from), the sealed events in seq order, each with its seal and the exact canonical
+JSON its hash covers (`proof.event_line`), and an end line with the counts, so a cut-off file is
+told from a complete one. `python -m compliance.verify_export`
 checks it with nothing but the standard library and `cryptography`.
 """
 
@@ -26,7 +27,7 @@ from compliance.checkpoints import database_copies
 from compliance.choices import AuditAction
 from compliance.models import AuditSeal
 from compliance.sinks import configured_sinks
-from compliance.verification import PROGRESS_EVERY, chain_rows
+from compliance.verification import PROGRESS_EVERY, canonical_rows
 
 FORMAT = "bridge-audit-export"
 
@@ -145,8 +146,13 @@ def export_audit(
                     }
                 )
             if total:
-                for row in chain_rows(last_seq, after_seq=first_seq - 1):
-                    write({"type": "event", **dict(zip(proof.ROW_COLUMNS, row, strict=True))})
+                for seq, prev, hash_, version, _, text in canonical_rows(
+                    last_seq, after_seq=first_seq - 1
+                ):
+                    data = proof.event_line(seq, prev, hash_, version, text or "null").encode()
+                    handle.write(data)
+                    digest.update(data)
+                    size += len(data)
                     events += 1
                     if on_progress and events % PROGRESS_EVERY == 0:
                         on_progress(events, total)

@@ -15,6 +15,7 @@ import hashlib
 import heapq
 import json
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -130,6 +131,57 @@ def row_hasher(version: int, columns: tuple[str, ...] = ROW_COLUMNS) -> Callable
     """The SHA-256 hex of a row's canonical JSON (see `row_canonical`)."""
     canonical, sha256 = row_canonical(version, columns), hashlib.sha256
     return lambda row: sha256(canonical(row).encode("utf-8")).hexdigest()
+
+
+# --- The export's event lines ----------------------------------------------------------------
+
+# An event line of an export holds the exact bytes its hash covers, so that the offline verifier
+# hashes them without parsing and re-encoding them (and an auditor can check one event by hand):
+# {"type":"event","seq":S,"prev_hash":"P","hash":"H","hash_version":V,"event":<canonical JSON>}
+_EVENT_LINE = re.compile(
+    r'\{"type":"event","seq":(\d+),"prev_hash":"([0-9a-f]{64})","hash":"([0-9a-f]{64})",'
+    r'"hash_version":(\d+),"event":'
+)
+
+
+def event_line(seq: int, prev_hash: str, hash_: str, version: int, canonical: str) -> str:
+    return (
+        f'{{"type":"event","seq":{int(seq)},"prev_hash":"{prev_hash}","hash":"{hash_}",'
+        f'"hash_version":{int(version)},"event":{canonical}}}\n'
+    )
+
+
+def parse_event_line(line: str) -> tuple | None:
+    """(seq, prev_hash, hash, hash_version, event id, canonical text) of an event line, or
+    None when the line is not in that exact layout. The seq and prev_hash inside the event
+    must be the line's: they are what its hash covers."""
+    match = _EVENT_LINE.match(line)
+    if match is None or (not line.endswith("}\n") and not line.endswith("}")):
+        return None
+    canonical = line[match.end() : len(line) - (2 if line.endswith("\n") else 1)]
+    seq, prev_hash = int(match.group(1)), match.group(2)
+    # Keys are sorted and any quote inside a string is escaped, so these spellings can only be
+    # the keys themselves.
+    holds_seq = f',"seq":{seq},' in canonical or canonical.endswith(f',"seq":{seq}}}')
+    if not holds_seq or f',"prev_hash":"{prev_hash}",' not in canonical:
+        prev_hash = ""  # reported as a broken link at this seq
+    at = canonical.find(',"id":')
+    end = canonical.find(",", at + 6)
+    event_id = canonical[at + 6 : end] if at >= 0 else ""
+    return (
+        seq,
+        prev_hash,
+        match.group(3),
+        int(match.group(4)),
+        int(event_id) if event_id.isdigit() else None,
+        canonical,
+    )
+
+
+def text_hasher(version: int) -> Callable[[tuple], str]:
+    """The hash of a row whose last item is the canonical text itself."""
+    sha256 = hashlib.sha256
+    return lambda row: sha256(row[-1].encode("utf-8")).hexdigest()
 
 
 # --- Keys ---------------------------------------------------------------------------------

@@ -254,6 +254,26 @@ def chain_rows(head_seq: int, *, after_seq: int = 0) -> Iterator[tuple]:
     return _rows_orm(head_seq, after_seq)
 
 
+def canonical_rows(head_seq: int, *, after_seq: int = 0) -> Iterator[tuple]:
+    """(seq, prev_hash, hash, hash_version, id, canonical JSON text) of the sealed events in
+    (after_seq, head_seq]: the exact bytes each hash covers (None for an unknown version)."""
+    if connection.vendor == "postgresql":
+        value_text = proof.json_value
+        for row in _rows_postgres(head_seq, after_seq, _canonical_sql()):
+            text = row[5] if row[7] is None else row[5] + value_text(row[6]) + row[7]
+            yield (*row[:5], text)
+        return
+    id_at, makers = ROW_COLUMNS.index("id"), {}
+    for row in _rows_orm(head_seq, after_seq):
+        version = row[3]
+        if version not in makers:
+            makers[version] = (
+                proof.row_canonical(version, ROW_COLUMNS) if version in HASH_VERSIONS else None
+            )
+        canonical = makers[version]
+        yield (*row[:4], row[id_at], canonical(row) if canonical else None)
+
+
 def walk_of(
     head_seq: int,
     *,

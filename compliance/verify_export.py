@@ -43,8 +43,11 @@ class Verdict:
 
 
 def _lines(path: Path) -> Iterator[dict[str, Any]]:
+    """The lines before the events (header, rotations, checkpoint copies), parsed."""
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
+            if line.startswith('{"type":"event",'):
+                return
             try:
                 item = json.loads(line)
             except ValueError as exc:
@@ -65,10 +68,7 @@ def _header(path: Path) -> dict[str, Any]:
 
 def _copies(path: Path) -> Iterator[proof.CheckpointCopy]:
     for item in _lines(path):
-        kind = item.get("type")
-        if kind == "event":
-            return
-        if kind == "checkpoint_copy":
+        if item.get("type") == "checkpoint_copy":
             record = item.get("record") or {}
             yield proof.CheckpointCopy(
                 int(record.get("number", 0)),
@@ -95,19 +95,30 @@ def verify_export(path: Path, public_keys: list[Any]) -> Verdict:
         review.anchors(),
         start_hash=proof.GENESIS_HASH if from_genesis else None,
         start_seq=1 if from_genesis else None,
+        hasher_for=proof.text_hasher,
+        id_at=4,
     )
     ends: list[dict[str, Any]] = []
 
     def event_rows() -> Iterator[tuple]:
-        for item in _lines(path):
-            kind = item.get("type")
-            if kind == "event":
-                try:
-                    yield tuple(item[name] for name in proof.ROW_COLUMNS)
-                except KeyError as exc:
-                    raise ExportUnreadable(f"an event line lacks {exc.args[0]}") from exc
-            elif kind == "end":
-                ends.append(item)
+        in_events = False
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if ends:
+                    raise ExportUnreadable(f"line {number} follows the end line")
+                if line.startswith('{"type":"event",'):
+                    in_events = True
+                    row = proof.parse_event_line(line)
+                    if row is None:
+                        raise ExportUnreadable(f"line {number} is not an event line as exported")
+                    yield row
+                elif in_events and not line.startswith('{"type":"end",'):
+                    raise ExportUnreadable(f"line {number} is not an event or the end line")
+                elif line.startswith('{"type":"end",'):
+                    try:
+                        ends.append(json.loads(line))
+                    except ValueError as exc:
+                        raise ExportUnreadable(f"line {number} is not JSON") from exc
 
     rows = event_rows()
     problem = walker.walk(rows)

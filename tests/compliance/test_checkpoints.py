@@ -670,3 +670,42 @@ def test_the_console_shows_checkpoints_keys_and_a_failing_sink(admin_user, setti
     assert content.state == "warn" and content.badge == "sink failing"
     assert "checkpoint #2 not written" in figures["waiting for a sink"].hint
     assert [row.value for row in content.rows] == ["failing"]
+
+
+def test_each_exported_event_holds_the_exact_bytes_its_hash_covers(tmp_path):
+    import hashlib
+
+    assert sealed_events(6) == 0
+    checkpoints.make_checkpoint()
+    out = tmp_path / "x.jsonl"
+    export_audit(out=out, start=None, end=None, context=AuditContext.system())
+    lines = out.read_text().splitlines(keepends=True)
+    events = [line for line in lines if line.startswith('{"type":"event",')]
+    assert len(events) == 6
+    # an auditor can check one event by hand: the "event" object's bytes hash to "hash"
+    item = json.loads(events[2])
+    canonical = events[2][events[2].index('"event":') + 8 : -2]
+    assert hashlib.sha256(canonical.encode()).hexdigest() == item["hash"]
+    assert json.loads(canonical)["seq"] == item["seq"] == 3
+    key = public_key_file(tmp_path)
+
+    def verdict(text: str) -> tuple[int, str]:
+        out.write_text(text)
+        return run_offline([str(out), "--public-key", str(key)])
+
+    head = [line for line in lines if not line.startswith('{"type":"event",')]
+    end_line = head.pop()
+    # two events swapped, their line seqs rewritten to fit: the event's own seq betrays them
+    third = events[2].replace('"seq":3,', '"seq":4,', 1)
+    fourth = events[3].replace('"seq":4,', '"seq":3,', 1)
+    swapped = [*events[:2], fourth, third, *events[4:]]
+    code, output = verdict("".join([*head, *swapped, end_line]))
+    assert code == 1 and "BROKEN at seq 3" in output, output
+    # a reformatted event line is not an export's any more; nor is a line after the end
+    spaced = events[1].replace('"seq":2,', '"seq": 2,', 1)
+    code, output = verdict("".join([*head, events[0], spaced, *events[2:], end_line]))
+    assert code == 2 and "line" in output and "not an event line" in output, output
+    code, output = verdict("".join([*head, *events, end_line, events[0]]))
+    assert code == 2 and "follows the end line" in output, output
+    code, output = verdict("".join([*head, *events, end_line]))
+    assert code == 0, output
