@@ -534,7 +534,7 @@ class ChainWalker:
         start_hash: str | None = GENESIS_HASH,
         start_seq: int | None = 1,
         hasher_for: Callable[[int], Callable[[tuple], str]] | None = None,
-        id_at: int = _ID_AT,
+        id_at: int | None = _ID_AT,
     ) -> None:
         self._anchors = iter(anchors)
         self._anchor = next(self._anchors, None)
@@ -579,6 +579,10 @@ class ChainWalker:
         """
         expected, prev, checked = self._expected, self._prev, self.checked
         anchor, anchors, id_at = self._anchor, self._anchors, self._id_at
+
+        def ident(row: tuple) -> int | None:
+            return None if id_at is None else row[id_at]
+
         hashers = self._hashers
         problem = None
         started = expected is not None and prev is not None
@@ -592,19 +596,24 @@ class ChainWalker:
                 problem = Problem(
                     f"event(s) with seq {expected}..{seq - 1} are missing",
                     seq=expected,
-                    event_id=row[id_at],
+                    event_id=ident(row),
                 )
                 break
             if row[1] != prev:
-                problem = Problem("prev_hash does not match the event before", seq, row[id_at])
+                problem = Problem("prev_hash does not match the event before", seq, ident(row))
                 break
             hasher = hashers.get(row[3]) or self._hasher(row[3])
             if hasher is None:
-                problem = Problem(f"unknown hash_version {row[3]}", seq, row[id_at])
+                problem = Problem(f"unknown hash_version {row[3]}", seq, ident(row))
                 break
             stored = row[2]
-            if hasher(row) != stored:
-                problem = Problem("content does not match its hash", seq, row[id_at])
+            try:
+                matches = hasher(row) == stored
+            except (ValueError, TypeError) as exc:  # a value no canonical JSON can hold
+                problem = Problem(f"content is not canonical JSON ({exc})", seq, ident(row))
+                break
+            if not matches:
+                problem = Problem("content does not match its hash", seq, ident(row))
                 break
             while anchor is not None and anchor.seq == seq:
                 if anchor.hash != stored:
@@ -612,7 +621,7 @@ class ChainWalker:
                         f"seq {seq} differs from the hash signed in checkpoint "
                         f"#{anchor.checkpoint}: history was rewritten",
                         seq,
-                        row[id_at],
+                        ident(row),
                         anchor.checkpoint,
                     )
                     break

@@ -48,10 +48,10 @@ class ChainCheck:
 
 # The columns a verification reads, in this order: the seal's, then the event's.
 _COLUMNS = ROW_COLUMNS
-_BATCH = 5000
+_BATCH = 2000
 # Parallel readers of the chain on PostgreSQL, each taking alternate ranges of CHUNK seqs.
 READERS = 2
-CHUNK = 50_000
+CHUNK = 20_000
 
 
 def _rows_orm(head_seq: int, after_seq: int) -> Iterator[tuple]:
@@ -67,12 +67,12 @@ def _rows_orm(head_seq: int, after_seq: int) -> Iterator[tuple]:
 _TIME_SQL = "to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US') || '+00:00'"
 
 
-def _from_sql() -> str:
+def _from_sql(joined: str = "") -> str:
     quote = connection.ops.quote_name
     seals, events = quote(AuditSeal._meta.db_table), quote(AuditEvent._meta.db_table)
     # Identifiers from our own models only; the two values are parameters.
     return (
-        f"FROM {seals} s JOIN {events} e ON e.{quote('id')} = s.{quote('event_id')} "
+        f"FROM {seals} s JOIN {events} e ON e.{quote('id')} = s.{quote('event_id')} {joined} "
         f"WHERE s.{quote('seq')} > %s AND s.{quote('seq')} <= %s ORDER BY s.{quote('seq')}"
     )
 
@@ -97,7 +97,16 @@ def _postgres_sql() -> str:
 # to_json() escaped exactly as json.dumps(ensure_ascii=False) escapes them; a property test
 # holds the two equal on generated rows, and any difference could only ever make an intact
 # event fail, never a changed one pass: the bytes hashed are compared with the stored hash.
-CANONICAL_COLUMNS = ("seq", "prev_hash", "hash", "hash_version", "id", "head", "latency", "tail")
+CANONICAL_COLUMNS = ("seq", "prev_hash", "hash", "hash_version", "text", "latency", "tail")
+# latency_ms as Python's repr() spells it, where PostgreSQL's float text says the same digits:
+# integral values get ".0", and PostgreSQL writes exponents from 1e15 where Python does from
+# 1e16 (and below 1e-4 alike). Otherwise NULL: the row then comes in two parts around the raw
+# value, which Python formats (as it does NaN, which it refuses: such a row fails its hash).
+_LATENCY_SQL = (
+    "CASE WHEN {x} IS NULL THEN 'null' "
+    "WHEN abs({x}) < 1e15 AND {x} = trunc({x}) THEN {x}::text || '.0' "
+    "WHEN abs({x}) >= 1e-4 AND abs({x}) < 1e15 THEN {x}::text END"
+)
 
 
 def _canonical_parts(version: int) -> tuple[str, str]:
@@ -136,28 +145,36 @@ def _canonical_parts(version: int) -> tuple[str, str]:
 
 def _canonical_sql() -> str:
     quote = connection.ops.quote_name
-    heads, tails = [], []
+    texts, tails = [], []
     for version in sorted(HASH_VERSIONS):
         head, tail = _canonical_parts(version)
-        heads.append(f"WHEN {int(version)} THEN {head}")
-        tails.append(f"WHEN {int(version)} THEN {tail}")
+        if tail == "NULL":  # a version without latency_ms
+            texts.append(f"WHEN {int(version)} THEN {head}")
+            continue
+        texts.append(
+            f"WHEN {int(version)} THEN CASE WHEN l.lat IS NULL THEN {head} "
+            f"ELSE {head} || l.lat || {tail} END"
+        )
+        tails.append(f"WHEN {int(version)} THEN CASE WHEN l.lat IS NULL THEN {tail} END")
+    version = f"s.{quote('hash_version')}"
+    latency = f"e.{quote('latency_ms')}"
     selected = [
         *(f"s.{quote(name)}" for name in CANONICAL_COLUMNS[:4]),
-        f"e.{quote('id')}",
-        f"CASE s.{quote('hash_version')} {' '.join(heads)} END",
-        f"e.{quote('latency_ms')}",
-        f"CASE s.{quote('hash_version')} {' '.join(tails)} END",
+        f"CASE {version} {' '.join(texts)} END",
+        f"CASE WHEN l.lat IS NULL THEN {latency} END",
+        f"CASE {version} {' '.join(tails)} END" if tails else "NULL",
     ]
-    return f"SELECT {', '.join(selected)} {_from_sql()}"
+    lateral = f"CROSS JOIN LATERAL (SELECT {_LATENCY_SQL.format(x=latency)} AS lat) l"
+    return f"SELECT {', '.join(selected)} {_from_sql(lateral)}"
 
 
 def canonical_hasher(version: int) -> Callable[[tuple], str]:
-    """The hash of a CANONICAL_COLUMNS row: the two parts joined around latency_ms."""
+    """The hash of a CANONICAL_COLUMNS row: its text, or the two parts around latency_ms."""
     sha256, value_text = hashlib.sha256, proof.json_value
 
     def hasher(row: tuple) -> str:
-        tail = row[7]
-        text = row[5] if tail is None else row[5] + value_text(row[6]) + tail
+        tail = row[6]
+        text = row[4] if tail is None else row[4] + value_text(row[5]) + tail
         return sha256(text.encode("utf-8")).hexdigest()
 
     return hasher
@@ -169,6 +186,12 @@ def _batches(sql: str, bounds: list[int], stop: threading.Event) -> Iterator[lis
 
     with transaction.atomic():
         own.ensure_connection()
+        with own.cursor() as setup:
+            # Floats as their shortest exact text (PostgreSQL's default, which a server
+            # setting could lower): fewer digits would fail intact events' hashes.
+            setup.execute("SET LOCAL extra_float_digits = 1")
+            # One long expression per row: compiling it costs more than it saves.
+            setup.execute("SET LOCAL jit = off")
         with own.connection.cursor(name=f"verify_{threading.get_ident()}") as cursor:
             cursor.itersize = _BATCH
             cursor.execute(sql, bounds)
@@ -260,8 +283,8 @@ def canonical_rows(head_seq: int, *, after_seq: int = 0) -> Iterator[tuple]:
     if connection.vendor == "postgresql":
         value_text = proof.json_value
         for row in _rows_postgres(head_seq, after_seq, _canonical_sql()):
-            text = row[5] if row[7] is None else row[5] + value_text(row[6]) + row[7]
-            yield (*row[:5], text)
+            text = row[4] if row[6] is None else row[4] + value_text(row[5]) + row[6]
+            yield (*row[:4], None, text)
         return
     id_at, makers = ROW_COLUMNS.index("id"), {}
     for row in _rows_orm(head_seq, after_seq):
@@ -289,7 +312,7 @@ def walk_of(
             start_hash=start_hash,
             start_seq=after_seq + 1,
             hasher_for=canonical_hasher,
-            id_at=CANONICAL_COLUMNS.index("id"),
+            id_at=None,  # looked up by seq if a problem is found
         )
         return walker, _rows_postgres(head_seq, after_seq, _canonical_sql())
     walker = ChainWalker(anchors, start_hash=start_hash, start_seq=after_seq + 1)
@@ -318,12 +341,17 @@ def check_chain(*, on_progress: Callable[[int, int], None] | None = None) -> Cha
                 seq=(walker.last_seq or 0) + 1,
                 event_id=head.last_event_id if head else None,
             )
-    if problem is not None and problem.reason.startswith("event(s) with seq"):
-        # The removed event's seal is still there (its own table, no foreign key): name the
-        # event that is gone, not the one after the gap.
-        gone = AuditSeal.objects.filter(seq=problem.seq).values_list("event_id", flat=True).first()
-        if gone is not None:
-            problem = replace(problem, event_id=gone)
+    if problem is not None and (
+        problem.event_id is None or problem.reason.startswith("event(s) with seq")
+    ):
+        # The event at that seq, by its seal. For removed events the seal is still there (its
+        # own table, no foreign key): name the event that is gone, not the one after the gap.
+        seals = AuditSeal.objects.values_list("event_id", flat=True)
+        named = seals.filter(seq=problem.seq).first()
+        if named is None:  # seal gone too: the event right after the gap
+            named = seals.filter(seq__gt=problem.seq).order_by("seq").first()
+        if named is not None:
+            problem = replace(problem, event_id=named)
     checkpoint_problems = tuple(item.reason for item in review.problems)
     if problem is None and review.problems:
         problem = review.problems[0]

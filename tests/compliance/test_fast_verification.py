@@ -149,9 +149,31 @@ def test_postgresql_writes_the_canonical_json_python_hashes_for_any_stored_event
     with connection.cursor() as cursor:
         cursor.execute(verification._canonical_sql(), [0, head])
         for row in cursor.fetchall():
-            canonical = row[5] + proof.json_value(row[6]) + row[7]
+            canonical = row[4] if row[6] is None else row[4] + proof.json_value(row[5]) + row[6]
             expected = row_canonical(row[3], COLUMNS)(python_rows[row[0]])
             assert canonical == expected
             assert verification.canonical_hasher(row[3])(row) == row[2]
     result = verification.check_chain()
     assert result.ok, result.reason
+
+
+@pytest.mark.django_db
+def test_postgresql_spells_latencies_at_every_float_boundary_as_python_does(postgres):
+    from compliance.audit import bulk_insert
+    from compliance.models import AuditEvent
+
+    # Where PostgreSQL's float text and Python's repr() part ways: exponents from 1e15 vs
+    # 1e16, integral values without ".0", tiny values, negative zero.
+    latencies = [
+        None, 0.0, -0.0, 12.0, 3.5, 1e-4, 9.99e-5, 1e-5, 2.5e-7, 0.0001234, 5e14,
+        999999999999999.9, 1e15, 1e15 + 0.5, 1234567890123456.0, 9.999999999999998e15, 1e16,
+        1.5e300, -1e15, -0.1, 5e-324,
+    ]  # fmt: skip
+    moment = datetime(2026, 1, 1, tzinfo=UTC)
+    blank = ("actor_username", "request_id", "object_type", "object_id", "method", "path")
+    columns = ("occurred_at", "action", "latency_ms", "details", *blank)
+    rows = [(moment, "custom.f", x, "{}", *[""] * len(blank)) for x in latencies]
+    bulk_insert(AuditEvent, columns, rows)
+    chain.seal_all_pending()
+    result = verification.check_chain()
+    assert (result.ok, result.checked) == (True, len(latencies)), result.reason
