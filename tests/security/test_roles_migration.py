@@ -10,14 +10,23 @@ from django.db.migrations.executor import MigrationExecutor
 ROLES = ["compliance_officer", "operator", "security_officer"]
 
 
-def _migrate(target: tuple[str, str]) -> None:
+def _migrate(*targets: tuple[str, str]) -> None:
     executor = MigrationExecutor(connection)
     executor.loader.build_graph()
-    executor.migrate([target])
+    executor.migrate(list(targets))
+
+
+@pytest.fixture
+def back_to_latest():
+    """Every app migrated forward again afterwards: later tests need every table."""
+    yield
+    executor = MigrationExecutor(connection)
+    executor.loader.build_graph()
+    _migrate(*executor.loader.graph.leaf_nodes())
 
 
 @pytest.mark.django_db(transaction=True)
-def test_the_roles_migration_creates_the_three_groups_with_their_permissions():
+def test_the_roles_migration_creates_the_three_groups_with_their_permissions(back_to_latest):
     # given the schema just before the roles migration (its reverse drops the groups)
     _migrate(("security", "0001_initial"))
     assert not Group.objects.filter(name__in=ROLES).exists()
