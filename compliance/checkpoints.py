@@ -46,32 +46,45 @@ def rotations_to_publish() -> list[dict]:
     return rotation_records()
 
 
-def _publish(checkpoint: AuditCheckpoint, sinks: list[CheckpointSink]) -> bool:
-    """Write one checkpoint to every sink that lacks it; True once all hold it."""
+def _unverified(checkpoint: AuditCheckpoint) -> str | None:
+    """Why Bridge's copy of a checkpoint is not one Bridge signed (None: it is)."""
     from security.keys import trusted_keys
 
-    record = checkpoint.record_data
-    ring = trusted_keys()
-    key = ring.keys.get(record.get("key_id", ""))
-    if key is None or not proof.verifies(
-        key, str(record.get("signature", "")), proof.checkpoint_message(record)
-    ):
+    try:
+        record = checkpoint.record_data
+    except ValueError:
+        return "its record is not JSON"
+    key = trusted_keys().keys.get(record.get("key_id", ""))
+    if key is None:
+        return f"it is signed by key {record.get('key_id')!r}, which is not trusted"
+    if not proof.verifies(key, str(record.get("signature", "")), proof.checkpoint_message(record)):
+        return "its signature does not verify"
+    signed = (record.get("number"), record.get("seq"), record.get("hash"), record.get("signature"))
+    if signed != (checkpoint.number, checkpoint.seq, checkpoint.hash, checkpoint.signature):
+        return "its columns differ from its signed record"
+    return None
+
+
+def _publish(checkpoint: AuditCheckpoint, sinks: list[CheckpointSink]) -> bool:
+    """Write one checkpoint to every sink that lacks it; True once all hold it."""
+    wrong = _unverified(checkpoint)
+    if wrong:
         # Bridge never signs what it publishes; a row that does not verify was not written
         # by Bridge, and goes nowhere.
-        if AuditCheckpoint.objects.filter(pk=checkpoint.pk, status=CheckpointStatus.PENDING).update(
-            status=CheckpointStatus.REFUSED, last_error="its signature does not verify"
-        ):
+        refused = AuditCheckpoint.objects.filter(
+            pk=checkpoint.pk, status=CheckpointStatus.PENDING
+        ).update(status=CheckpointStatus.REFUSED, last_error=wrong)
+        if refused:
             record_event(
                 action=AuditAction.CHECKPOINT_REFUSED,
                 context=AuditContext.system(),
                 object_type="compliance.auditcheckpoint",
                 object_id=checkpoint.pk,
-                details={"number": checkpoint.number, "key_id": record.get("key_id", "")},
+                details={"number": checkpoint.number, "key_id": checkpoint.key_id, "why": wrong},
             )
-            log.error(
-                "AUDIT CHECKPOINT #%s REFUSED: its signature does not verify", checkpoint.number
-            )
+            log.error("AUDIT CHECKPOINT #%s REFUSED: %s", checkpoint.number, wrong)
         return False
+    record = checkpoint.record_data
     written = list(checkpoint.sinks_written)
     errors = []
     rotations = rotations_to_publish()
@@ -136,6 +149,18 @@ def _noting(rows: Iterator[tuple], wanted: set[int], out: list[list]) -> Iterato
         yield row
 
 
+def _refuse(problem: proof.Problem) -> None:
+    record_event(
+        action=AuditAction.CHECKPOINT_NOT_SIGNED,
+        context=AuditContext.system(),
+        object_type="compliance.auditchainhead",
+        object_id=1,
+        details={"seq": problem.seq, "reason": problem.reason},
+    )
+    log.error("AUDIT CHECKPOINT NOT SIGNED at seq %s: %s", problem.seq, problem.reason)
+    raise CheckpointRefused(problem)
+
+
 def make_checkpoint(*, force: bool = False) -> AuditCheckpoint | None:
     """Sign the chain's newest sealed state and write it to every sink.
 
@@ -154,6 +179,10 @@ def make_checkpoint(*, force: bool = False) -> AuditCheckpoint | None:
         return None
     seq, hash_ = head.last_seq, head.last_hash
     last = AuditCheckpoint.objects.order_by("-number").first()
+    wrong = _unverified(last) if last else None
+    if wrong:
+        # An insider's row: chaining from it would make every later checkpoint a lie.
+        _refuse(proof.Problem(f"the newest checkpoint in the database (#{last.number}): {wrong}"))
     previous_seq = last.seq if last else 0
     if last and last.seq >= seq and not force:
         return None
@@ -169,15 +198,7 @@ def make_checkpoint(*, force: bool = False) -> AuditCheckpoint | None:
         else proof.Problem(f"the chain does not reach its head at seq {seq}", seq=seq)
     )
     if problem:
-        record_event(
-            action=AuditAction.CHECKPOINT_NOT_SIGNED,
-            context=AuditContext.system(),
-            object_type="compliance.auditchainhead",
-            object_id=1,
-            details={"seq": problem.seq, "reason": problem.reason},
-        )
-        log.error("AUDIT CHECKPOINT NOT SIGNED at seq %s: %s", problem.seq, problem.reason)
-        raise CheckpointRefused(problem)
+        _refuse(problem)
     key = audit_signing_key()
     now = timezone.now()
     number = (last.number if last else 0) + 1
@@ -268,6 +289,11 @@ def checkpoint_health() -> CheckpointHealth:
     refused = AuditCheckpoint.objects.filter(status=CheckpointStatus.REFUSED).first()
     if refused is not None:
         message = f"checkpoint #{refused.number} in the database does not verify (forged?)"
+        return CheckpointHealth(False, message, newest, waiting, "")
+    latest = AuditCheckpoint.objects.first()
+    wrong = _unverified(latest) if latest else None
+    if wrong:
+        message = f"checkpoint #{latest.number} in the database: {wrong} (forged?)"
         return CheckpointHealth(False, message, newest, waiting, "")
     head = chain_head()
     limit = timedelta(seconds=3 * settings.AUDIT_CHECKPOINT_INTERVAL)

@@ -406,11 +406,12 @@ class CheckpointReview:
         self._rejected: set[int] = set()
         self._review()
 
-    def _flag(self, number: int, record: dict | None, reason: str) -> None:
-        self._rejected.add(number)
+    def _note(self, number: int, record: dict | None, reason: str) -> None:
         seq = record.get("seq") if isinstance(record, dict) else None
         if len(self.problems) < 50:
-            self.problems.append(Problem(reason, seq=seq, checkpoint=number))
+            self.problems.append(
+                Problem(reason, seq=seq if isinstance(seq, int) else None, checkpoint=number)
+            )
 
     def _valid_signature(self, record: dict[str, Any]) -> str | None:
         key = self._ring.keys.get(record.get("key_id", ""))
@@ -420,74 +421,83 @@ class CheckpointReview:
             return "its signature does not verify (forged or altered)"
         return None
 
+    def _valid_copy(self, group: list[CheckpointCopy]) -> CheckpointCopy | None:
+        """The first copy from a sink whose signature verifies (None: none does)."""
+        for copy in group:
+            if copy.source != DATABASE and self._valid_signature(copy.record) is None:
+                return copy
+        return None
+
     def _review(self) -> None:
         previous: dict[str, Any] | None = None
         previous_number: int | None = None
         sink_max = dict.fromkeys(self._sinks, 0)
         sink_missing: dict[str, list[tuple[int, dict]]] = {sink: [] for sink in self._sinks}
         for number, group in _grouped(self._copies()):
-            records = [copy.record for copy in group]
-            record = records[0]
             in_sinks = {copy.source for copy in group if copy.source != DATABASE}
             published = any(copy.source == DATABASE and copy.published for copy in group)
             for copy in group:
                 problem = self._valid_signature(copy.record)
                 if problem:
                     where = "the database" if copy.source == DATABASE else f"sink {copy.source}"
-                    self._flag(number, copy.record, f"checkpoint #{number} in {where}: {problem}")
+                    self._note(number, copy.record, f"checkpoint #{number} in {where}: {problem}")
                     if copy.source != DATABASE:
                         in_sinks.discard(copy.source)
-            distinct = {canonical_json(item) for item in records}
-            if len(distinct) > 1:
+            valid = self._valid_copy(group)
+            record = valid.record if valid else group[0].record
+            if len({canonical_json(copy.record) for copy in group}) > 1:
                 sources = ", ".join(sorted({copy.source for copy in group}))
-                self._flag(number, record, f"the copies of checkpoint #{number} differ ({sources})")
+                self._note(number, record, f"the copies of checkpoint #{number} differ ({sources})")
             for sink in self._sinks:
                 if sink in in_sinks:
                     sink_max[sink] = number
                 elif published:
-                    self._flag(
+                    self._note(
                         number,
                         record,
                         f"checkpoint #{number} is missing from sink {sink}, where it was written",
                     )
                 else:
                     sink_missing[sink].append((number, record))
-            if not in_sinks:
-                # Waiting to be written (or a forged row): it does not count yet.
+            if valid is None:
+                # Not in any sink with a good signature (waiting to be written, or forged): it
+                # anchors nothing and is no link of the checkpoint chain.
                 self._rejected.add(number)
                 continue
             self.count += 1
             expected = self._first if previous_number is None else previous_number + 1
             if expected is not None and number != expected:
-                self._flag(
+                self._note(
                     number,
                     record,
                     f"checkpoint(s) #{expected}..#{number - 1} are missing before #{number}",
                 )
             elif previous is not None and record.get("prev_signature") != previous.get("signature"):
-                self._flag(
+                self._note(
                     number,
                     record,
                     f"checkpoint #{number} does not name #{previous_number}'s signature",
                 )
             elif previous is None and number == 1 and record.get("prev_signature"):
-                self._flag(number, record, "checkpoint #1 names a predecessor")
-            if previous is not None and record.get("seq", 0) < previous.get("seq", 0):
-                self._flag(number, record, f"checkpoint #{number} goes back in the chain")
-            previous, previous_number = record, number
-            if number not in self._rejected:
-                self.newest = record
+                self._note(number, record, "checkpoint #1 names a predecessor")
+            if previous is not None and record["seq"] < previous["seq"]:
+                self._note(number, record, f"checkpoint #{number} goes back in the chain")
+            previous, previous_number, self.newest = record, number, record
         for sink, missing in sink_missing.items():
             for number, record in missing:
                 if number < sink_max[sink]:
-                    self._flag(number, record, f"checkpoint #{number} is missing from sink {sink}")
+                    self._note(number, record, f"checkpoint #{number} is missing from sink {sink}")
 
     def anchors(self) -> Iterator[Anchor]:
-        """The hashes signed by the checkpoints that passed, in seq order."""
+        """The hashes signed by the checkpoints found in a sink with a good signature, in seq
+        order (a conflicting copy elsewhere is reported, and does not unseat them)."""
         for number, group in _grouped(self._copies()):
             if number in self._rejected:
                 continue
-            record = group[0].record
+            valid = self._valid_copy(group)
+            if valid is None:
+                continue
+            record = valid.record
             for seq, hash_ in record.get("waypoints") or [[record["seq"], record["hash"]]]:
                 yield Anchor(int(seq), str(hash_), number)
 

@@ -69,9 +69,11 @@ def _header(path: Path) -> dict[str, Any]:
 def _copies(path: Path) -> Iterator[proof.CheckpointCopy]:
     for item in _lines(path):
         if item.get("type") == "checkpoint_copy":
-            record = item.get("record") or {}
+            record = item.get("record")
+            if not isinstance(record, dict) or not isinstance(record.get("number"), int):
+                raise ExportUnreadable("a checkpoint copy without a record and its number")
             yield proof.CheckpointCopy(
-                int(record.get("number", 0)),
+                record["number"],
                 record,
                 str(item.get("source", "")),
                 bool(item.get("published")),

@@ -709,3 +709,66 @@ def test_each_exported_event_holds_the_exact_bytes_its_hash_covers(tmp_path):
     assert code == 2 and "follows the end line" in output, output
     code, output = verdict("".join([*head, *events, end_line]))
     assert code == 0, output
+
+
+def test_the_checkpointer_never_chains_from_a_forged_newest_row(settings):
+    from recovery.health import readiness_report
+
+    # given a real checkpoint, then an insider's row after it, signed with their own key
+    sealed_events(5)
+    real = checkpoints.make_checkpoint()
+    forger = Ed25519PrivateKey.generate()
+    payload = {**real.record_data, "number": 2, "prev_signature": real.signature}
+    payload.pop("signature")
+    forged = proof.sign_checkpoint(
+        {**payload, "key_id": proof.key_id_of(forger.public_key())}, forger
+    )
+    AuditCheckpoint.objects.create(
+        number=2,
+        seq=real.seq,
+        hash=real.hash,
+        created_at=real.created_at,
+        key_id=forged["key_id"],
+        signature=forged["signature"],
+        record=proof.canonical_json(forged),
+        status=CheckpointStatus.PUBLISHED,
+    )
+    record(3, "later")
+    chain.seal_all_pending()
+    # when the checkpointer runs, it refuses rather than sign on top of it, and says why
+    with pytest.raises(checkpoints.CheckpointRefused, match="newest checkpoint in the database"):
+        checkpoints.make_checkpoint()
+    assert AuditCheckpoint.objects.count() == 2
+    check = readiness_report()["checks"]["checkpoints"]
+    assert check["state"] == "degraded" and "#2 in the database" in check["detail"]
+
+
+def test_a_row_whose_columns_differ_from_its_signed_record_is_refused():
+    sealed_events(5)
+    real = checkpoints.make_checkpoint()
+    bypass_triggers(
+        "UPDATE compliance_auditcheckpoint SET hash = %s WHERE id = %s", ["f" * 64, real.pk]
+    )
+    record(2, "later")
+    chain.seal_all_pending()
+    with pytest.raises(checkpoints.CheckpointRefused, match="columns differ"):
+        checkpoints.make_checkpoint()
+
+
+def test_a_conflicting_database_copy_does_not_unseat_the_sinks_anchor(settings):
+    # given a checkpoint that signs every hash, and a rewrite under it
+    settings.AUDIT_CHECKPOINT_WAYPOINTS = 1000
+    base = sealed_events(20)
+    real = checkpoints.make_checkpoint()
+    rewrite_with_recomputed_seals(base + 12, "custom.innocent")
+    # when the insider also rewrites the database's copy to sign the forged chain (with a
+    # signature they cannot make)
+    forged = {**real.record_data, "hash": chain.chain_head().last_hash, "waypoints": []}
+    bypass_triggers(
+        "UPDATE compliance_auditcheckpoint SET record = %s WHERE id = %s",
+        [proof.canonical_json(forged), real.pk],
+    )
+    # then the sink's copy still names the rewritten seq, and the conflict is reported too
+    result = _check()
+    assert (result.ok, result.first_broken_seq, result.checkpoint) == (False, base + 12, 1)
+    assert any("copies of checkpoint #1 differ" in text for text in result.checkpoint_problems)
