@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from compliance import proof
@@ -31,6 +32,9 @@ from compliance.sinks import CheckpointSink, SinkError, configured_sinks
 
 log = logging.getLogger(__name__)
 
+# pg_advisory_lock key of the checkpointer ("BRIDGECP" as a number).
+_LOCK_KEY = 0x4252494447454350 & 0x7FFFFFFFFFFFFFFF
+
 
 class CheckpointRefused(Exception):
     """The new range does not connect to the last checkpoint: nothing was signed."""
@@ -40,13 +44,19 @@ class CheckpointRefused(Exception):
         self.problem = problem
 
 
-def rotations_to_publish() -> list[dict]:
-    from security.keys import rotation_records
+def rotations_to_publish(sinks: list[CheckpointSink]) -> list[dict]:
+    """The rotation records a trusted key vouches for (an insider's row goes nowhere)."""
+    from security.keys import rotation_records, trusted_keys
 
-    return rotation_records()
+    ring = trusted_keys(sink_rotations(sinks))
+    accepted = []
+    for record in rotation_records():
+        if ring.keys.get(record.get("new_key_id")) and ring.keys.get(record.get("old_key_id")):
+            accepted.append(record)
+    return accepted
 
 
-def _unverified(checkpoint: AuditCheckpoint) -> str | None:
+def _unverified(checkpoint: AuditCheckpoint, ring: proof.KeyRing | None = None) -> str | None:
     """Why Bridge's copy of a checkpoint is not one Bridge signed (None: it is)."""
     from security.keys import trusted_keys
 
@@ -54,10 +64,18 @@ def _unverified(checkpoint: AuditCheckpoint) -> str | None:
         record = checkpoint.record_data
     except ValueError:
         return "its record is not JSON"
-    key = trusted_keys().keys.get(record.get("key_id", ""))
+    if not isinstance(record, dict):
+        return "its record is not a checkpoint"
+    ring = ring or trusted_keys(sink_rotations(configured_sinks()))
+    key_id = record.get("key_id")
+    key = ring.keys.get(key_id) if isinstance(key_id, str) else None
     if key is None:
-        return f"it is signed by key {record.get('key_id')!r}, which is not trusted"
-    if not proof.verifies(key, str(record.get("signature", "")), proof.checkpoint_message(record)):
+        return f"it is signed by key {key_id!r}, which is not trusted"
+    try:
+        message = proof.checkpoint_message(record)
+    except (TypeError, ValueError):
+        return "its record is not canonical JSON"
+    if not proof.verifies(key, record.get("signature"), message):
         return "its signature does not verify"
     signed = (record.get("number"), record.get("seq"), record.get("hash"), record.get("signature"))
     if signed != (checkpoint.number, checkpoint.seq, checkpoint.hash, checkpoint.signature):
@@ -65,8 +83,13 @@ def _unverified(checkpoint: AuditCheckpoint) -> str | None:
     return None
 
 
-def _publish(checkpoint: AuditCheckpoint, sinks: list[CheckpointSink]) -> bool:
-    """Write one checkpoint to every sink that lacks it; True once all hold it."""
+def _publish(
+    checkpoint: AuditCheckpoint, sinks: list[CheckpointSink], blocked: set[str] | None = None
+) -> bool:
+    """Write one checkpoint to every sink that lacks it; True once all hold it. A sink in
+    `blocked` (an earlier checkpoint failed there) is not written: each sink holds an unbroken
+    run of numbers, so a gap in one is always news."""
+    blocked = blocked if blocked is not None else set()
     wrong = _unverified(checkpoint)
     if wrong:
         # Bridge never signs what it publishes; a row that does not verify was not written
@@ -87,15 +110,19 @@ def _publish(checkpoint: AuditCheckpoint, sinks: list[CheckpointSink]) -> bool:
     record = checkpoint.record_data
     written = list(checkpoint.sinks_written)
     errors = []
-    rotations = rotations_to_publish()
+    rotations = rotations_to_publish(sinks)
     for sink in sinks:
         if sink.name in written:
+            continue
+        if sink.name in blocked:
+            errors.append(f"sink {sink.name}: waits for an earlier checkpoint")
             continue
         try:
             sink.ensure_rotations(rotations)
             sink.append(record)
-        except (SinkError, OSError) as exc:
+        except Exception as exc:  # any backend's error: reported, retried, never lost
             errors.append(redact_text(str(exc)))
+            blocked.add(sink.name)
             continue
         written.append(sink.name)
     done = all(sink.name in written for sink in sinks)
@@ -134,9 +161,10 @@ def publish_pending(sinks: list[CheckpointSink] | None = None) -> int:
     """Retry every checkpoint not yet in every sink, oldest first; returns how many remain."""
     sinks = sinks if sinks is not None else configured_sinks()
     remaining = 0
+    blocked: set[str] = set()
     pending = AuditCheckpoint.objects.filter(status=CheckpointStatus.PENDING).order_by("number")
     for checkpoint in pending:
-        if not _publish(checkpoint, sinks):
+        if not _publish(checkpoint, sinks, blocked):
             remaining += 1
     return remaining
 
@@ -169,8 +197,58 @@ def make_checkpoint(*, force: bool = False) -> AuditCheckpoint | None:
     (CheckpointRefused, recorded as `audit.checkpoint_not_signed`). Two callers at once: one
     wins the number, the other returns None.
     """
+    with _checkpointer_lock() as mine:
+        if not mine:
+            return None  # another process is making one now
+        return _make_checkpoint(force=force)
+
+
+@contextmanager
+def _checkpointer_lock() -> Iterator[bool]:
+    """One checkpointer at a time across every process (a PostgreSQL advisory lock; SQLite
+    serialises writers anyway): numbers are then made and written in order."""
+    if connection.vendor != "postgresql":
+        yield True
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_lock(%s)", [_LOCK_KEY])
+        mine = bool(cursor.fetchone()[0])
+    try:
+        yield mine
+    finally:
+        if mine:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_unlock(%s)", [_LOCK_KEY])
+
+
+def _newest_in_sinks(sinks: list[CheckpointSink], ring: proof.KeyRing) -> dict | None:
+    """The newest checkpoint any sink holds with a good signature."""
+    newest = None
+    for sink in sinks:
+        try:
+            record = sink.newest(lambda item: signed_by(item, ring))
+        except Exception as exc:  # an unreadable sink: publishing reports it
+            log.warning("sink %s cannot be read: %s", sink.name, redact_text(str(exc)))
+            continue
+        if record is not None and (newest is None or record["number"] > newest["number"]):
+            newest = record
+    return newest
+
+
+def signed_by(record: dict, ring: proof.KeyRing) -> bool:
+    key_id = record.get("key_id")
+    key = ring.keys.get(key_id) if isinstance(key_id, str) else None
+    try:
+        return key is not None and proof.verifies(
+            key, record.get("signature"), proof.checkpoint_message(record)
+        )
+    except (TypeError, ValueError):
+        return False
+
+
+def _make_checkpoint(*, force: bool) -> AuditCheckpoint | None:
     from compliance.verification import walk_of
-    from security.keys import audit_signing_key
+    from security.keys import audit_signing_key, trusted_keys
 
     sinks = configured_sinks()
     publish_pending(sinks)
@@ -183,6 +261,18 @@ def make_checkpoint(*, force: bool = False) -> AuditCheckpoint | None:
     if wrong:
         # An insider's row: chaining from it would make every later checkpoint a lie.
         _refuse(proof.Problem(f"the newest checkpoint in the database (#{last.number}): {wrong}"))
+    held = _newest_in_sinks(sinks, trusted_keys(sink_rotations(sinks)))
+    if held is not None and (last is None or last.number < held["number"]):
+        # The sinks hold a newer checkpoint than the database: rows were deleted. Signing on
+        # would put a second, different checkpoint of that number beside the real one.
+        _refuse(
+            proof.Problem(
+                f"a sink holds checkpoint #{held['number']}, the database only "
+                f"#{last.number if last else 0}: checkpoint rows were deleted"
+            )
+        )
+    if held is not None and last.number == held["number"] and last.signature != held["signature"]:
+        _refuse(proof.Problem(f"checkpoint #{last.number} differs from the sink's copy"))
     previous_seq = last.seq if last else 0
     if last and last.seq >= seq and not force:
         return None
@@ -200,7 +290,11 @@ def make_checkpoint(*, force: bool = False) -> AuditCheckpoint | None:
     if problem:
         _refuse(problem)
     key = audit_signing_key()
-    now = timezone.now()
+    # Never before the previous one (hosts' clocks differ): numbers and times then agree, and
+    # so do the sinks' day files.
+    now = (
+        max(timezone.now(), last.created_at + timedelta(microseconds=1)) if last else timezone.now()
+    )
     number = (last.number if last else 0) + 1
     record = key.sign_checkpoint(
         {
@@ -236,15 +330,43 @@ def make_checkpoint(*, force: bool = False) -> AuditCheckpoint | None:
 
 
 def database_copies() -> Iterator[proof.CheckpointCopy]:
-    rows = AuditCheckpoint.objects.order_by("number").values_list("number", "record", "status")
-    for number, record, status in rows.iterator(chunk_size=500):
+    rows = AuditCheckpoint.objects.order_by("number").values_list(
+        "number", "record", "sinks_written"
+    )
+    for number, record, written in rows.iterator(chunk_size=500):
         try:
             data = json.loads(record)
         except ValueError:
-            data = {"number": number, "unreadable": True}
-        yield proof.CheckpointCopy(
-            number, data, proof.DATABASE, status == CheckpointStatus.PUBLISHED
-        )
+            data = None  # reported as "not a checkpoint record"
+        names = tuple(name for name in written or () if isinstance(name, str))
+        yield proof.CheckpointCopy(number, data, proof.DATABASE, names)
+
+
+def _readable(
+    sink: CheckpointSink, problems: list[proof.Problem]
+) -> Iterator[proof.CheckpointCopy]:
+    """A sink's copies; a sink that cannot be read is a problem, not a crash."""
+    try:
+        yield from sink.copies()
+    except (SinkError, OSError, ValueError) as exc:
+        problems.append(proof.Problem(f"sink {sink.name} cannot be read: {exc}"))
+
+
+def sink_rotations(sinks: list[CheckpointSink]) -> list[dict]:
+    found = []
+    for sink in sinks:
+        try:
+            found.extend(sink.rotations())
+        except (SinkError, OSError, ValueError):
+            continue  # the copies' reading reports the sink
+    return found
+
+
+def all_copies(
+    sinks: list[CheckpointSink], problems: list[proof.Problem]
+) -> Iterator[proof.CheckpointCopy]:
+    """Every copy of every checkpoint, sinks and database, as one stream sorted by number."""
+    return proof.merge_by_number(*(_readable(sink, problems) for sink in sinks), database_copies())
 
 
 def review_checkpoints(sinks: list[CheckpointSink] | None = None) -> proof.CheckpointReview:
@@ -253,14 +375,19 @@ def review_checkpoints(sinks: list[CheckpointSink] | None = None) -> proof.Check
     from security.keys import trusted_keys
 
     sinks = sinks if sinks is not None else configured_sinks()
-    rotations = [record for sink in sinks for record in sink.rotations()]
+    unreadable: list[proof.Problem] = []
     review = proof.CheckpointReview(
-        lambda: proof.merge_by_number(*(sink.copies() for sink in sinks), database_copies()),
+        lambda: all_copies(sinks, unreadable),
         sinks=[sink.name for sink in sinks],
-        ring=trusted_keys(rotations),
+        ring=trusted_keys(sink_rotations(sinks)),
     )
+    seen = set()
+    for problem in unreadable:  # each sink read twice: once checking, once anchoring
+        if problem.reason not in seen:
+            seen.add(problem.reason)
+            review.problems.append(problem)
     for sink in sinks:
-        review.problems.extend(proof.Problem(text) for text in sink.problems)
+        review.problems.extend(proof.Problem(text) for text in dict.fromkeys(sink.problems))
     return review
 
 

@@ -23,7 +23,7 @@ from django.utils import timezone
 from compliance import proof
 from compliance.audit import AuditContext, iso, record_event
 from compliance.chain import chain_head
-from compliance.checkpoints import database_copies
+from compliance.checkpoints import all_copies, signed_by, sink_rotations
 from compliance.choices import AuditAction
 from compliance.models import AuditSeal
 from compliance.sinks import configured_sinks
@@ -59,32 +59,43 @@ def _seq_bounds(start: datetime | None, end: datetime | None) -> tuple[int, int]
     return first, last
 
 
-def _copies_in_range(
-    first_seq: int, end: datetime | None
-) -> tuple[int | None, Callable[[], Iterator[proof.CheckpointCopy]]]:
-    """The checkpoint copies an export of `first_seq..` carries: from the last checkpoint
-    before the range (its signature links the next) to the last made before `end`."""
+def _base_checkpoint(first_seq: int) -> dict | None:
+    """The newest checkpoint in a sink, signed by a trusted key, that signs a seq before the
+    range: the export starts right after it, so its signed hash anchors the range's start."""
+    from security.keys import trusted_keys
+
+    sinks = configured_sinks()
+    ring = trusted_keys(sink_rotations(sinks))
+    base = None
+    for copy in all_copies(sinks, []):
+        record = copy.record
+        if copy.source == proof.DATABASE or not isinstance(record, dict):
+            continue
+        if record.get("number") != copy.number or not signed_by(record, ring):
+            continue
+        if isinstance(record.get("seq"), int) and record["seq"] < first_seq:
+            base = record
+    return base
+
+
+def _copies_from(
+    base_number: int, end: datetime | None
+) -> Callable[[], Iterator[proof.CheckpointCopy]]:
+    """The copies from the base checkpoint on, made before `end` (checkpoint times only grow
+    with their numbers)."""
+    limit = iso(end) if end is not None else None
     sinks = configured_sinks()
 
-    def every() -> Iterator[proof.CheckpointCopy]:
-        return proof.merge_by_number(*(sink.copies() for sink in sinks), database_copies())
-
-    base = None
-    for copy in every():
-        seq = copy.record.get("seq")
-        if isinstance(seq, int) and seq < first_seq:
-            base = copy.number
-    limit = iso(end) if end is not None else None
-
     def selected() -> Iterator[proof.CheckpointCopy]:
-        for copy in every():
-            if base is not None and copy.number < base:
+        for copy in all_copies(sinks, []):
+            if copy.number < base_number:
                 continue
-            if limit is not None and str(copy.record.get("time", "")) >= limit:
+            record = copy.record if isinstance(copy.record, dict) else {}
+            if limit is not None and str(record.get("time", "")) >= limit:
                 continue
             yield copy
 
-    return (base if base is not None else 1), selected
+    return selected
 
 
 def export_audit(
@@ -100,12 +111,21 @@ def export_audit(
 
     out = Path(out)
     first_seq, last_seq = _seq_bounds(start, end)
+    if first_seq > 1:
+        # Start right after the last signed checkpoint before the range (from the first event
+        # when there is none): the verifier begins at its signed hash, trusting nothing else.
+        base = _base_checkpoint(first_seq)
+        first_seq = base["seq"] + 1 if base else 1
+    else:
+        base = None
+    first_checkpoint = base["number"] if base else 1
+    copies = _copies_from(first_checkpoint, end)
     total = max(0, last_seq - first_seq + 1)
     sinks = configured_sinks()
     rotations: dict[str, dict] = {}
-    for record in [*rotation_records(), *(r for sink in sinks for r in sink.rotations())]:
-        rotations.setdefault(proof.canonical_json(record), record)
-    first_checkpoint, copies = _copies_in_range(first_seq, end)
+    for record in [*rotation_records(), *sink_rotations(sinks)]:
+        if isinstance(record, dict):
+            rotations.setdefault(proof.canonical_json(record), record)
     digest = hashlib.sha256()
     size = events = copy_count = 0
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -141,7 +161,7 @@ def export_audit(
                     {
                         "type": "checkpoint_copy",
                         "source": copy.source,
-                        "published": copy.published,
+                        "written_to": list(copy.written_to),
                         "record": copy.record,
                     }
                 )

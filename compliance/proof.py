@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import heapq
+import itertools
 import json
 import math
 import re
@@ -139,8 +140,8 @@ def row_hasher(version: int, columns: tuple[str, ...] = ROW_COLUMNS) -> Callable
 # hashes them without parsing and re-encoding them (and an auditor can check one event by hand):
 # {"type":"event","seq":S,"prev_hash":"P","hash":"H","hash_version":V,"event":<canonical JSON>}
 _EVENT_LINE = re.compile(
-    r'\{"type":"event","seq":(\d+),"prev_hash":"([0-9a-f]{64})","hash":"([0-9a-f]{64})",'
-    r'"hash_version":(\d+),"event":'
+    r'\{"type":"event","seq":([0-9]{1,18}),"prev_hash":"([0-9a-f]{64})","hash":"([0-9a-f]{64})",'
+    r'"hash_version":([0-9]{1,5}),"event":'
 )
 
 
@@ -173,7 +174,7 @@ def parse_event_line(line: str) -> tuple | None:
         prev_hash,
         match.group(3),
         int(match.group(4)),
-        int(event_id) if event_id.isdigit() else None,
+        int(event_id) if re.fullmatch(r"[0-9]{1,18}", event_id) else None,
         canonical,
     )
 
@@ -227,7 +228,9 @@ def _signature(text: str) -> bytes:
     return base64.b64decode(text.encode("ascii"), validate=True)
 
 
-def verifies(key: Ed25519PublicKey, signature: str, message: bytes) -> bool:
+def verifies(key: Ed25519PublicKey, signature: Any, message: bytes) -> bool:
+    if not isinstance(signature, str):
+        return False
     try:
         key.verify(_signature(signature), message)
     except (InvalidSignature, ValueError, TypeError):
@@ -321,7 +324,7 @@ class KeyRing:
                 signed = verifies(old, record["signature_old"], message) and verifies(
                     new, record["signature_new"], message
                 )
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError, AttributeError):
                 ids_match = signed = False
             if ids_match and signed:
                 valid.append((record["old_key_id"], old, record["new_key_id"], new))
@@ -345,13 +348,12 @@ class KeyRing:
 
 class CheckpointCopy(NamedTuple):
     """One copy of a checkpoint: from a sink (`source` is the sink's name), or the database's
-    row (`source` is DATABASE, `published` says whether Bridge recorded it as written to every
-    sink)."""
+    row (`source` is DATABASE, `written_to` the sinks Bridge recorded writing it to)."""
 
     number: int
-    record: dict[str, Any]
+    record: Any
     source: str
-    published: bool = True
+    written_to: tuple[str, ...] = ()
 
 
 DATABASE = "database"
@@ -377,15 +379,15 @@ class Problem:
 class CheckpointReview:
     """Checks every copy of every checkpoint, then yields the hashes they sign as anchors.
 
-    Each copy must carry a signature of a trusted key; copies of one number must be identical;
-    checkpoint N must name checkpoint N-1's signature (no gap, no reordering); every sink must
-    hold every checkpoint below its newest, and every checkpoint the database recorded as
-    published. Only checkpoints found in a sink count: a database row is the operator's own
-    copy, which an insider can write to.
+    Each copy must be a record of its own number carrying a signature of a trusted key; copies
+    of one number must be identical; checkpoint N must name checkpoint N-1's signature (no gap,
+    no reordering); every sink must hold every checkpoint from its first to its newest, and
+    every one the database recorded writing to it. Only checkpoints found in a sink with a good
+    signature count: a database row is the operator's own copy, which an insider can write to.
 
     `copies` is called twice (checking, then anchoring) and must give the copies of all
     sources sorted by number each time (`merge_by_number`), so memory stays constant however
-    many checkpoints there are.
+    many checkpoints there are. Anchoring stops at the newest number the check saw.
     """
 
     def __init__(
@@ -403,68 +405,83 @@ class CheckpointReview:
         self.problems: list[Problem] = [Problem(reason) for reason in ring.problems]
         self.count = 0
         self.newest: dict[str, Any] | None = None
+        self.first: dict[str, Any] | None = None
         self._rejected: set[int] = set()
+        self._last_number = 0
         self._review()
 
-    def _note(self, number: int, record: dict | None, reason: str) -> None:
+    def _note(self, number: int, record: Any, reason: str) -> None:
         seq = record.get("seq") if isinstance(record, dict) else None
         if len(self.problems) < 50:
             self.problems.append(
                 Problem(reason, seq=seq if isinstance(seq, int) else None, checkpoint=number)
             )
 
-    def _valid_signature(self, record: dict[str, Any]) -> str | None:
-        key = self._ring.keys.get(record.get("key_id", ""))
+    def _invalid(self, copy: CheckpointCopy) -> str | None:
+        """Why a copy is not a checkpoint Bridge signed (None: it is)."""
+        record = copy.record
+        if not isinstance(record, dict):
+            return "not a checkpoint record"
+        if record.get("number") != copy.number:
+            return f"its record is numbered {record.get('number')!r}"
+        key_id = record.get("key_id")
+        key = self._ring.keys.get(key_id) if isinstance(key_id, str) else None
         if key is None:
-            return f"signed by key {record.get('key_id')!r}, which is not trusted"
-        if not verifies(key, str(record.get("signature", "")), checkpoint_message(record)):
+            return f"signed by key {key_id!r}, which is not trusted"
+        try:
+            message = checkpoint_message(record)
+        except (TypeError, ValueError):
+            return "not canonical JSON"
+        if not verifies(key, record.get("signature"), message):
             return "its signature does not verify (forged or altered)"
+        if not isinstance(record.get("seq"), int) or not isinstance(record.get("hash"), str):
+            return "it lacks a seq or a hash"
         return None
 
     def _valid_copy(self, group: list[CheckpointCopy]) -> CheckpointCopy | None:
-        """The first copy from a sink whose signature verifies (None: none does)."""
+        """The first copy from a sink that is a checkpoint Bridge signed (None: none is)."""
         for copy in group:
-            if copy.source != DATABASE and self._valid_signature(copy.record) is None:
+            if copy.source != DATABASE and self._invalid(copy) is None:
                 return copy
         return None
 
     def _review(self) -> None:
         previous: dict[str, Any] | None = None
         previous_number: int | None = None
-        sink_max = dict.fromkeys(self._sinks, 0)
-        sink_missing: dict[str, list[tuple[int, dict]]] = {sink: [] for sink in self._sinks}
+        held: dict[str, list[int]] = {sink: [] for sink in self._sinks}
         for number, group in _grouped(self._copies()):
-            in_sinks = {copy.source for copy in group if copy.source != DATABASE}
-            published = any(copy.source == DATABASE and copy.published for copy in group)
+            self._last_number = number
+            in_sinks: set[str] = set()
+            written_to: set[str] = set()
             for copy in group:
-                problem = self._valid_signature(copy.record)
+                written_to.update(copy.written_to)
+                problem = self._invalid(copy)
                 if problem:
                     where = "the database" if copy.source == DATABASE else f"sink {copy.source}"
                     self._note(number, copy.record, f"checkpoint #{number} in {where}: {problem}")
-                    if copy.source != DATABASE:
-                        in_sinks.discard(copy.source)
+                elif copy.source != DATABASE:
+                    in_sinks.add(copy.source)
             valid = self._valid_copy(group)
             record = valid.record if valid else group[0].record
-            if len({canonical_json(copy.record) for copy in group}) > 1:
+            if len({_text(copy.record) for copy in group}) > 1:
                 sources = ", ".join(sorted({copy.source for copy in group}))
                 self._note(number, record, f"the copies of checkpoint #{number} differ ({sources})")
             for sink in self._sinks:
                 if sink in in_sinks:
-                    sink_max[sink] = number
-                elif published:
+                    held[sink].append(number)
+                elif sink in written_to:
                     self._note(
                         number,
                         record,
                         f"checkpoint #{number} is missing from sink {sink}, where it was written",
                     )
-                else:
-                    sink_missing[sink].append((number, record))
             if valid is None:
                 # Not in any sink with a good signature (waiting to be written, or forged): it
                 # anchors nothing and is no link of the checkpoint chain.
                 self._rejected.add(number)
                 continue
             self.count += 1
+            self.first = self.first or record
             expected = self._first if previous_number is None else previous_number + 1
             if expected is not None and number != expected:
                 self._note(
@@ -483,15 +500,18 @@ class CheckpointReview:
             if previous is not None and record["seq"] < previous["seq"]:
                 self._note(number, record, f"checkpoint #{number} goes back in the chain")
             previous, previous_number, self.newest = record, number, record
-        for sink, missing in sink_missing.items():
-            for number, record in missing:
-                if number < sink_max[sink]:
-                    self._note(number, record, f"checkpoint #{number} is missing from sink {sink}")
+        for sink, numbers in held.items():
+            # A sink added later starts at its first checkpoint; within its range, none lacks.
+            for before, after in itertools.pairwise(numbers):
+                for number in range(before + 1, min(after, before + 51)):
+                    self._note(number, None, f"checkpoint #{number} is missing from sink {sink}")
 
     def anchors(self) -> Iterator[Anchor]:
         """The hashes signed by the checkpoints found in a sink with a good signature, in seq
         order (a conflicting copy elsewhere is reported, and does not unseat them)."""
         for number, group in _grouped(self._copies()):
+            if number > self._last_number:
+                return  # written after the check: its seq may be past the head read
             if number in self._rejected:
                 continue
             valid = self._valid_copy(group)
@@ -500,6 +520,13 @@ class CheckpointReview:
             record = valid.record
             for seq, hash_ in record.get("waypoints") or [[record["seq"], record["hash"]]]:
                 yield Anchor(int(seq), str(hash_), number)
+
+
+def _text(record: Any) -> str:
+    try:
+        return canonical_json(record)
+    except (TypeError, ValueError):
+        return repr(record)
 
 
 def _grouped(copies: Iterable[CheckpointCopy]) -> Iterator[tuple[int, list[CheckpointCopy]]]:
@@ -596,6 +623,8 @@ class ChainWalker:
         hashers = self._hashers
         problem = None
         started = expected is not None and prev is not None
+        while started and anchor is not None and anchor.seq < expected:
+            anchor = next(anchors, None)  # signed before the rows begin
         for row in rows:
             if not started:
                 self._begin(row)

@@ -53,7 +53,7 @@ def public_keys() -> dict:
             {
                 "key_id": row.key_id,
                 "public_key": row.public_key,
-                "public_key_pem": proof.public_key_pem(proof.load_public_key(row.public_key)),
+                "public_key_pem": _pem_or_note(row.public_key),
                 "created_at": row.created_at,
                 "retired_at": row.retired_at,
                 "current": row.key_id == current.key_id,
@@ -62,3 +62,10 @@ def public_keys() -> dict:
         ],
         "rotations": rotation_records(),
     }
+
+
+def _pem_or_note(text: str) -> str:
+    try:
+        return proof.public_key_pem(proof.load_public_key(text))
+    except (ValueError, TypeError):
+        return "(not a public key: this row was altered)"

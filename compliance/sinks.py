@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -43,6 +43,8 @@ class CheckpointSink(Protocol):
     def copies(self) -> Iterator[CheckpointCopy]: ...
 
     def rotations(self) -> list[dict[str, Any]]: ...
+
+    def newest(self, accept: Callable[[dict], bool]) -> dict[str, Any] | None: ...
 
     @property
     def problems(self) -> list[str]: ...
@@ -100,7 +102,7 @@ class DirectorySink:
 
     def _append(self, filename: str, data: bytes) -> None:
         try:
-            self.path.mkdir(mode=0o750, parents=True, exist_ok=True)
+            self._ensure_directory()
             target = self.path / filename
             created = not target.exists()
             fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
@@ -118,9 +120,39 @@ class DirectorySink:
         except OSError as exc:
             raise SinkError(f"sink {self.name} ({self.path}): {exc.strerror or exc}") from exc
 
+    def _ensure_directory(self) -> None:
+        if self.path.is_dir():
+            return
+        if settings.PRODUCTION:
+            # A missing mount must not read as an empty sink and then be replaced by a fresh
+            # one: in production the directory is made by the operator, on its own storage.
+            raise SinkError(f"sink {self.name}: {self.path} does not exist (create it)")
+        self.path.mkdir(mode=0o750, parents=True, exist_ok=True)
+
     def append(self, record: dict[str, Any]) -> None:
         day = str(record["time"])[:10]
         self._append(f"checkpoints-{day}.jsonl", _line(record))
+
+    def newest(self, accept: Callable[[dict], bool]) -> dict[str, Any] | None:
+        """The highest-numbered accepted checkpoint, reading day files from the newest back."""
+        for name in reversed(self._day_files()):
+            where = f"sink {self.name} {name}"
+            text = (self.path / name).read_text("utf-8")
+            copies = _sorted_copies(_parse(text, where, []), self.name, where, [])
+            for copy in reversed(copies):
+                if accept(copy.record):
+                    return copy.record
+        return None
+
+    def _day_files(self) -> list[str]:
+        try:
+            return sorted(name for name in os.listdir(self.path) if _DAY_FILE.match(name))
+        except FileNotFoundError:
+            if settings.PRODUCTION:
+                raise SinkError(f"sink {self.name}: {self.path} does not exist") from None
+            return []
+        except OSError as exc:
+            raise SinkError(f"sink {self.name} ({self.path}): {exc.strerror}") from exc
 
     def rotations(self) -> list[dict[str, Any]]:
         keys = self.path / KEYS_FILE
@@ -137,13 +169,7 @@ class DirectorySink:
                 self._append(KEYS_FILE, _line(record))
 
     def copies(self) -> Iterator[CheckpointCopy]:
-        try:
-            names = sorted(name for name in os.listdir(self.path) if _DAY_FILE.match(name))
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            raise SinkError(f"sink {self.name} ({self.path}): {exc.strerror}") from exc
-        for name in names:
+        for name in self._day_files():
             where = f"sink {self.name} {name}"
             text = (self.path / name).read_text("utf-8")
             yield from _sorted_copies(
@@ -220,6 +246,19 @@ class StorageSink:
         except FileNotFoundError:
             return []
         return [record for name in sorted(files) for record in self._read(f"keys/{name}")]
+
+    def newest(self, accept: Callable[[dict], bool]) -> dict[str, Any] | None:
+        try:
+            days, _ = self.storage.listdir("checkpoints")
+        except FileNotFoundError:
+            return None
+        for day in sorted(days, reverse=True):
+            _, files = self.storage.listdir(f"checkpoints/{day}")
+            for name in sorted(files, reverse=True):
+                for record in self._read(f"checkpoints/{day}/{name}"):
+                    if record.get("type") == "checkpoint" and accept(record):
+                        return record
+        return None
 
     def copies(self) -> Iterator[CheckpointCopy]:
         try:

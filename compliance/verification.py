@@ -283,7 +283,10 @@ def canonical_rows(head_seq: int, *, after_seq: int = 0) -> Iterator[tuple]:
     if connection.vendor == "postgresql":
         value_text = proof.json_value
         for row in _rows_postgres(head_seq, after_seq, _canonical_sql()):
-            text = row[4] if row[6] is None else row[4] + value_text(row[5]) + row[6]
+            try:
+                text = row[4] if row[6] is None else row[4] + value_text(row[5]) + row[6]
+            except (TypeError, ValueError):
+                text = None  # a value no canonical JSON holds: it cannot match its hash
             yield (*row[:4], None, text)
         return
     id_at, makers = ROW_COLUMNS.index("id"), {}
@@ -294,7 +297,11 @@ def canonical_rows(head_seq: int, *, after_seq: int = 0) -> Iterator[tuple]:
                 proof.row_canonical(version, ROW_COLUMNS) if version in HASH_VERSIONS else None
             )
         canonical = makers[version]
-        yield (*row[:4], row[id_at], canonical(row) if canonical else None)
+        try:
+            text = canonical(row) if canonical else None
+        except (TypeError, ValueError):
+            text = None
+        yield (*row[:4], row[id_at], text)
 
 
 def walk_of(
@@ -325,11 +332,13 @@ def check_chain(*, on_progress: Callable[[int, int], None] | None = None) -> Cha
 
     `on_progress(checked, total)` is called every PROGRESS_EVERY events.
     """
+    # The checkpoints first, then the head: a checkpoint written meanwhile is either not seen,
+    # or signs a seq the head read afterwards has reached.
+    review = review_checkpoints()
     head = chain_head()
     head_seq = head.last_seq if head else 0
     head_hash = head.last_hash if head else GENESIS_HASH
     unsealed = unsealed_count()
-    review = review_checkpoints()
     walker, rows = walk_of(head_seq, anchors=review.anchors())
     report = on_progress and (lambda checked: on_progress(checked, head_seq))
     problem = walker.walk(rows, report, PROGRESS_EVERY)

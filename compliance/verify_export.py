@@ -40,6 +40,8 @@ class Verdict:
     checkpoint: int | None = None
     reason: str = ""
     problems: list[str] = field(default_factory=list)
+    # The newest checkpoint the export holds: compare it with the one you last saw published.
+    newest_checkpoint: dict[str, Any] | None = None
 
 
 def _lines(path: Path) -> Iterator[dict[str, Any]]:
@@ -72,11 +74,14 @@ def _copies(path: Path) -> Iterator[proof.CheckpointCopy]:
             record = item.get("record")
             if not isinstance(record, dict) or not isinstance(record.get("number"), int):
                 raise ExportUnreadable("a checkpoint copy without a record and its number")
+            written = item.get("written_to")
             yield proof.CheckpointCopy(
                 record["number"],
                 record,
                 str(item.get("source", "")),
-                bool(item.get("published")),
+                tuple(name for name in written if isinstance(name, str))
+                if isinstance(written, list)
+                else (),
             )
 
 
@@ -85,18 +90,34 @@ def verify_export(path: Path, public_keys: list[Any]) -> Verdict:
     header = _header(path)
     rotations = [item for item in _lines(path) if item.get("type") == "key_rotation"]
     ring = proof.KeyRing.build(public_keys, rotations)
-    review = proof.CheckpointReview(
-        lambda: _copies(path),
-        sinks=header.get("sinks") or [],
-        ring=ring,
-        first_number=header.get("first_checkpoint"),
-    )
+    sinks = header.get("sinks")
+    first_number = header.get("first_checkpoint")
     first_seq = header.get("first_seq")
-    from_genesis = first_seq in (None, 1)
+    if not isinstance(sinks, list) or not all(isinstance(name, str) for name in sinks):
+        raise ExportUnreadable("the header's sinks are not a list of names")
+    if not isinstance(first_number, int) or not isinstance(first_seq, int | None):
+        raise ExportUnreadable("the header's first checkpoint or first seq is not a number")
+    review = proof.CheckpointReview(
+        lambda: _copies(path), sinks=sinks, ring=ring, first_number=first_number
+    )
+    # Where the walk starts is never the export's word: seq 1 from the genesis hash, or right
+    # after the first checkpoint it carries, from the hash that checkpoint signs.
+    base = review.first
+    start_problem = None
+    if first_seq in (None, 1):
+        start_seq, start_hash = 1, proof.GENESIS_HASH
+    elif base is not None and base["number"] == first_number and base["seq"] + 1 == first_seq:
+        start_seq, start_hash = first_seq, base["hash"]
+    else:
+        start_seq, start_hash = first_seq, proof.GENESIS_HASH
+        start_problem = proof.Problem(
+            f"no signed checkpoint anchors the start of the range (seq {first_seq})",
+            seq=first_seq,
+        )
     walker = proof.ChainWalker(
         review.anchors(),
-        start_hash=proof.GENESIS_HASH if from_genesis else None,
-        start_seq=1 if from_genesis else None,
+        start_hash=start_hash,
+        start_seq=start_seq,
         hasher_for=proof.text_hasher,
         id_at=4,
     )
@@ -123,14 +144,16 @@ def verify_export(path: Path, public_keys: list[Any]) -> Verdict:
                         raise ExportUnreadable(f"line {number} is not JSON") from exc
 
     rows = event_rows()
-    problem = walker.walk(rows)
+    problem = start_problem or walker.walk(rows)
     for _ in rows:  # after a problem: read on to the end line, to tell a cut-off file
         pass
     end = ends[-1] if ends else None
     if end is None:
         raise ExportUnreadable("the export ends before its end line (cut off?)")
-    if problem is None:
-        problem = walker.finish()
+    if problem is None and first_seq is not None:
+        problem = walker.finish()  # an empty range has no tail to cut
+    if problem is None and walker.checked and review.count == 0:
+        problem = proof.Problem("no signed checkpoint anchors these events")
     if problem is None and end.get("events") != walker.checked:
         problem = proof.Problem(
             f"the end line counts {end.get('events')} events, not {walker.checked}"
@@ -151,6 +174,10 @@ def verify_export(path: Path, public_keys: list[Any]) -> Verdict:
         last_seq=walker.last_seq,
         problems=problems[:20],
     )
+    if review.newest is not None:
+        verdict.newest_checkpoint = {
+            key: review.newest.get(key) for key in ("number", "seq", "time", "key_id")
+        }
     if problem is not None:
         verdict.first_broken_seq = problem.seq
         verdict.first_broken_id = problem.event_id
@@ -181,8 +208,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         verdict = verify_export(args.export, keys)
-    except (OSError, ExportUnreadable) as exc:
+    except (OSError, ExportUnreadable, UnicodeDecodeError) as exc:
         print(f"cannot verify {args.export}: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        # Whatever else a malformed file provokes: unreadable, never a traceback that could
+        # be taken for a verdict.
+        print(f"cannot verify {args.export}: malformed ({type(exc).__name__})", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(asdict(verdict), indent=2))
@@ -191,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
             f"audit export intact: {verdict.events} events (seq {verdict.first_seq}.."
             f"{verdict.last_seq}) verified against {verdict.checkpoints} signed checkpoint(s)"
         )
+        if verdict.newest_checkpoint:
+            newest = verdict.newest_checkpoint
+            print(
+                f"newest checkpoint: #{newest['number']} at seq {newest['seq']}, signed "
+                f"{newest['time']} by {newest['key_id']} (compare with the newest you have seen)"
+            )
     else:
         where = f" at seq {verdict.first_broken_seq}" if verdict.first_broken_seq else ""
         proof_of = f" (checkpoint #{verdict.checkpoint})" if verdict.checkpoint else ""

@@ -129,15 +129,23 @@ def audit_signing_key() -> AuditSigningKey:
 
 def register_public_key(public: Ed25519PublicKey, rotation: dict | None = None) -> SigningKey:
     """The key's row (made on first use), so the console and the API can list every key."""
-    row, _ = SigningKey.objects.get_or_create(
+    text = proof.canonical_json(rotation) if rotation else ""
+    row, made = SigningKey.objects.get_or_create(
         key_id=proof.key_id_of(public),
         defaults={
             "purpose": KeyPurpose.AUDIT_SIGNING,
             "public_key": proof.public_key_text(public),
             "created_at": timezone.now(),
-            "rotation": proof.canonical_json(rotation) if rotation else "",
+            "rotation": text,
         },
     )
+    if not made and text and row.rotation != text:
+        # A host loaded the new key before the rotation was recorded: the row exists, and
+        # the record that links it to the old key must not be lost.
+        if row.rotation:
+            raise ValueError(f"key {row.key_id} was already rotated in by another record")
+        SigningKey.objects.filter(pk=row.pk, rotation="").update(rotation=text)
+        row.refresh_from_db()
     return row
 
 
@@ -146,7 +154,15 @@ def rotation_records() -> list[dict]:
     import json
 
     rows = SigningKey.objects.exclude(rotation="").order_by("created_at", "id")
-    return [json.loads(text) for text in rows.values_list("rotation", flat=True)]
+    records = []
+    for text in rows.values_list("rotation", flat=True):
+        try:
+            record = json.loads(text)
+        except ValueError:
+            continue  # not a record at all: it can link no key
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def trusted_keys(extra_rotations: list[dict] | None = None) -> proof.KeyRing:

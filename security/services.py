@@ -328,6 +328,13 @@ def rotate_audit_signing_key(
         raise ValueError("the new key is the current key")
     now = timezone.now()
     record = proof.sign_rotation(current.private, new, iso(now), reason)
+    # Into every checkpoint sink first, outside the database: an insider who then deletes the
+    # database's copy cannot cut the link between the keys. A sink that fails stops the
+    # rotation before anything changed.
+    from compliance.sinks import configured_sinks
+
+    for sink in configured_sinks():
+        sink.ensure_rotations([record])
     with transaction.atomic():
         SigningKey.objects.filter(key_id=current.key_id, retired_at__isnull=True).update(
             retired_at=now
