@@ -91,6 +91,8 @@ def _copies_from(
             if copy.number < base_number:
                 continue
             record = copy.record if isinstance(copy.record, dict) else {}
+            if record.get("number") != copy.number:
+                continue  # a row holding another number's record: Bridge's check reports it
             if limit is not None and str(record.get("time", "")) >= limit:
                 continue
             yield copy

@@ -450,7 +450,7 @@ class CheckpointReview:
         previous_number: int | None = None
         held: dict[str, list[int]] = {sink: [] for sink in self._sinks}
         for number, group in _grouped(self._copies()):
-            self._last_number = number
+            self._last_number = max(self._last_number, number)
             in_sinks: set[str] = set()
             written_to: set[str] = set()
             for copy in group:

@@ -69,11 +69,15 @@ def _header(path: Path) -> dict[str, Any]:
 
 
 def _copies(path: Path) -> Iterator[proof.CheckpointCopy]:
+    previous = 0
     for item in _lines(path):
         if item.get("type") == "checkpoint_copy":
             record = item.get("record")
             if not isinstance(record, dict) or not isinstance(record.get("number"), int):
                 raise ExportUnreadable("a checkpoint copy without a record and its number")
+            if record["number"] < previous:
+                raise ExportUnreadable("the checkpoint copies are not in number order")
+            previous = record["number"]
             written = item.get("written_to")
             yield proof.CheckpointCopy(
                 record["number"],

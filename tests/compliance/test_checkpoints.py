@@ -772,3 +772,184 @@ def test_a_conflicting_database_copy_does_not_unseat_the_sinks_anchor(settings):
     result = _check()
     assert (result.ok, result.first_broken_seq, result.checkpoint) == (False, base + 12, 1)
     assert any("copies of checkpoint #1 differ" in text for text in result.checkpoint_problems)
+
+
+# --- Found in review: each of these once passed tampering or raised a false alarm -----------
+
+
+def test_a_database_row_carrying_another_checkpoints_record_is_reported_and_anchors_nothing(
+    tmp_path,
+):
+    # given checkpoints over 40 events
+    sealed_events(20)
+    first = checkpoints.make_checkpoint()
+    record(20, "g")
+    chain.seal_all_pending()
+    checkpoints.make_checkpoint()
+    # when an insider files #1's genuine record under number 999 and rewrites seq 30
+    AuditCheckpoint.objects.create(
+        number=999,
+        seq=first.seq,
+        hash=first.hash,
+        created_at=first.created_at,
+        key_id=first.key_id,
+        signature=first.signature,
+        record=first.record,
+    )
+    rewrite_with_recomputed_seals(30, "custom.innocent")
+    # then Bridge reports the row, and a range export still starts from a sink's signed
+    # checkpoint, so the offline verifier names the rewrite
+    result = _check()
+    assert any(
+        "#999 in the database: its record is numbered 1" in p for p in result.checkpoint_problems
+    )
+    out = tmp_path / "range.jsonl"
+    later = AuditEvent.objects.get(seal__seq=21).occurred_at
+    export_audit(out=out, start=later, end=None, context=AuditContext.system())
+    code, output = run_offline([str(out), "--public-key", str(public_key_file(tmp_path))])
+    assert code == 1 and "BROKEN at seq 30" in output, output
+
+
+def test_deleted_checkpoint_rows_stop_the_checkpointer_from_signing_over_a_rewrite():
+    sealed_events(20)
+    checkpoints.make_checkpoint()
+    record(5, "g")
+    chain.seal_all_pending()
+    checkpoints.make_checkpoint()
+    rewrite_with_recomputed_seals(15, "custom.innocent")
+    bypass_triggers("DELETE FROM compliance_auditcheckpoint WHERE number = 2")
+    record(2, "h")
+    chain.seal_all_pending()
+    with pytest.raises(checkpoints.CheckpointRefused, match="checkpoint rows were deleted"):
+        checkpoints.make_checkpoint()
+    assert AuditCheckpoint.objects.filter(number=2).count() == 0
+
+
+def test_in_production_a_missing_sink_directory_is_an_error_not_a_fresh_sink(settings, tmp_path):
+    settings.PRODUCTION = True
+    settings.AUDIT_CHECKPOINT_DIR = tmp_path / "unmounted" / "checkpoints"
+    sealed_events(3)
+    made = checkpoints.make_checkpoint()
+    assert made.status == CheckpointStatus.PENDING and "does not exist" in made.last_error
+    assert not (tmp_path / "unmounted").exists()
+    assert any("cannot be read" in p for p in _check().checkpoint_problems)
+
+
+def test_a_checkpoint_written_after_the_review_is_not_held_against_the_chain():
+    sealed_events(5)
+    checkpoints.make_checkpoint()
+    review = checkpoints.review_checkpoints()
+    record(3, "late")
+    chain.seal_all_pending()
+    checkpoints.make_checkpoint()  # signs a seq the walk of this review will not reach
+    assert [anchor.checkpoint for anchor in review.anchors()] == [1] * 5
+
+
+def test_a_storage_sink_added_later_is_not_flagged_for_the_checkpoints_before_it(
+    settings, tmp_path
+):
+    sealed_events(4)
+    checkpoints.make_checkpoint()
+    spec = {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        "OPTIONS": {"location": str(tmp_path / "offsite")},
+    }
+    settings.AUDIT_CHECKPOINT_STORAGES = {"offsite": spec}
+    settings.STORAGES = {**settings.STORAGES, "audit_checkpoints_offsite": spec}
+    record(2, "g")
+    chain.seal_all_pending()
+    assert sorted(checkpoints.make_checkpoint().sinks_written) == ["directory", "storage:offsite"]
+    result = _check()
+    assert result.ok, result.reason
+
+
+def test_a_rotation_survives_its_database_record_being_deleted(settings, tmp_path):
+    settings.AUDIT_SIGNING_KEY_FILE = tmp_path / "k" / "audit.pem"
+    sealed_events(5)
+    checkpoints.make_checkpoint()
+    services.rotate_audit_signing_key(context=AuditContext.system())
+    # the record is in the sink already, before any checkpoint with the new key
+    assert "key_rotation" in (Path(settings.AUDIT_CHECKPOINT_DIR) / "keys.jsonl").read_text()
+    bypass_triggers("UPDATE security_signingkey SET rotation = ''")
+    record(3, "g")
+    chain.seal_all_pending()
+    assert checkpoints.make_checkpoint().number == 2
+    result = _check()
+    assert result.ok, result.reason
+
+
+def test_an_insiders_rotation_row_is_never_published_and_tampered_rows_are_reported(settings):
+    sealed_events(5)
+    checkpoints.make_checkpoint()
+    from security.models import SigningKey
+
+    SigningKey.objects.create(
+        key_id="ed25519:0000000000000000",
+        purpose="audit_signing",
+        public_key="AAAA",
+        created_at=AuditEvent.objects.first().occurred_at,
+        rotation='{"type":"key_rotation","insider":"was here"}',
+    )
+    record(2, "g")
+    chain.seal_all_pending()
+    checkpoints.make_checkpoint()
+    keys_file = Path(settings.AUDIT_CHECKPOINT_DIR) / "keys.jsonl"
+    assert not keys_file.exists() or "insider" not in keys_file.read_text()
+    # records that are not checkpoints at all are reported, not raised
+    for text in ("[]", '{"key_id": [1], "number": 2}', '{"number": 2, "seq": NaN}'):
+        bypass_triggers(
+            "UPDATE compliance_auditcheckpoint SET record = %s WHERE number = 2", [text]
+        )
+        result = _check()
+        assert result.ok is False, text
+        assert any("checkpoint #2 in the database" in p for p in result.checkpoint_problems)
+        assert checkpoints.checkpoint_health().ok is False
+
+
+def test_the_offline_verifier_reports_malformed_exports_as_unreadable(tmp_path):
+    sealed_events(3)
+    checkpoints.make_checkpoint()
+    out = tmp_path / "x.jsonl"
+    export_audit(out=out, start=None, end=None, context=AuditContext.system())
+    good = out.read_text().splitlines(keepends=True)
+    key = str(public_key_file(tmp_path))
+    header = json.loads(good[0])
+    cases = {
+        "sinks": json.dumps({**header, "sinks": 5}) + "\n",
+        "utf8": None,
+    }
+    out.write_text(cases["sinks"] + "".join(good[1:]))
+    code, output = run_offline([str(out), "--public-key", key])
+    assert code == 2 and "sinks" in output, output
+    out.write_bytes(b"".join(line.encode() for line in good[:1]) + b"\xff\xfe\n")
+    code, output = run_offline([str(out), "--public-key", key])
+    assert code == 2 and "cannot verify" in output, output
+
+
+def test_an_export_of_an_empty_range_verifies(tmp_path):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    sealed_events(3)
+    checkpoints.make_checkpoint()
+    out = tmp_path / "empty.jsonl"
+    summary = export_audit(
+        out=out, start=timezone.now() + timedelta(hours=1), end=None, context=AuditContext.system()
+    )
+    assert summary.events == 0
+    code, output = run_offline([str(out), "--public-key", str(public_key_file(tmp_path))])
+    assert code == 0, output
+
+
+def test_checkpoint_times_only_grow_whatever_the_hosts_clock_says():
+    from datetime import timedelta
+
+    sealed_events(3)
+    first = checkpoints.make_checkpoint()
+    ahead = first.created_at + timedelta(days=1)
+    bypass_triggers("UPDATE compliance_auditcheckpoint SET created_at = %s", [ahead])
+    record(2, "g")
+    chain.seal_all_pending()
+    second = checkpoints.make_checkpoint()
+    assert second.created_at > ahead
