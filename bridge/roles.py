@@ -31,6 +31,7 @@ ROLE_PERMISSIONS: dict[Role, tuple[str, ...]] = {
     Role.SECURITY_OFFICER: (
         "security.view_*",
         "security.revoke_tokenfamily",
+        "security.lift_ipban",
         "compliance.view_auditcheckpoint",
         "axes.view_*",
         "axes.delete_accessattempt",

@@ -73,7 +73,7 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 INVALID_INPUT = {"anyOf": [_ref("Refusal"), _ref("ValidationErrors")]}
 RETRY_AFTER = {
-    "description": "Seconds until the lockout ends.",
+    "description": "Seconds until a request may succeed (the lockout, limit or ban ends).",
     "required": True,
     "schema": {"type": "integer", "minimum": 0},
 }
@@ -111,9 +111,15 @@ def _possible_errors(path: str, operation: dict[str, Any]) -> dict[str, dict[str
         _ref("Refusal"), "An unexpected error; `request_id` names it in the server's log."
     )
     if path.startswith("/api/"):
+        errors["429"] = _json(
+            _ref("Refusal"),
+            "Too many requests (`rate_limited`, per address and endpoint class), or the address "
+            "is banned for a while (`ip_banned`); Retry-After says when to come back.",
+        )
         errors["503"] = _json(
-            _ref("AuditUnavailable"),
-            "The audit trail is unavailable: Bridge refuses to serve a request it cannot record.",
+            {"anyOf": [_ref("AuditUnavailable"), _ref("Refusal")]},
+            "The audit trail is unavailable: Bridge refuses to serve a request it cannot record "
+            "(or, for login, the rate limiter's store does not answer: `limiter_unavailable`).",
         )
     return errors
 
@@ -164,6 +170,6 @@ def add_error_responses(
             for status, response in _possible_errors(path, operation).items():
                 responses.setdefault(status, response)
             if "429" in responses:
-                # The only 429 is the login lockout, which always says when to come back.
+                # Every 429 (limits, bans, the login lockout) says when to come back.
                 responses["429"].setdefault("headers", {})["Retry-After"] = RETRY_AFTER
     return result

@@ -99,6 +99,8 @@ MIDDLEWARE = [
     "whitenoise.middleware.WhiteNoiseMiddleware",
     # Outermost of ours so it records the final status, including axes' lockout responses.
     "compliance.middleware.AuditMiddleware",
+    # Before sessions and authentication: a banned or flooding client costs one lookup.
+    "security.middleware.RateLimitMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -289,6 +291,36 @@ SPECTACULAR_SETTINGS = {
         "bridge.schema.add_error_responses",
     ],
 }
+
+# --- Rate limits and bans (security/ratelimit.py) --------------------------------------------
+ENABLE_DDOS_PROTECTION = env_bool("ENABLE_DDOS_PROTECTION", True)
+# Requests per sliding window, per client IP (IPv6 per /64) and per endpoint class.
+RATE_LIMITS = {
+    kind: env_str(f"RATE_LIMIT_{kind.upper()}", default)
+    for kind, default in {
+        "auth": "20/1m",
+        "read": "600/1m",
+        "write": "120/1m",
+        "export": "10/1m",
+        "crypto": "60/1m",
+    }.items()
+}
+# Login attempts per submitted username, from all addresses together.
+RATE_LIMIT_LOGIN_USERNAME = env_str("RATE_LIMIT_LOGIN_USERNAME", "10/5m")
+# Never limited (CIDRs): monitoring, the load balancer's own checks, office networks.
+try:
+    RATE_LIMIT_ALLOWLIST = [
+        ipaddress.ip_network(item, strict=False) for item in env_list("RATE_LIMIT_ALLOWLIST")
+    ]
+except ValueError as exc:
+    raise ImproperlyConfigured(f"RATE_LIMIT_ALLOWLIST: {exc}") from exc
+# The IP_BAN_AFTER-th over-limit episode within IP_BAN_WINDOW bans the address for IP_BAN_BASE,
+# doubled for each earlier ban within IP_BAN_MEMORY, at most IP_BAN_MAX.
+IP_BAN_AFTER = env_int("IP_BAN_AFTER", 3, minimum=1)
+IP_BAN_WINDOW = env_duration("IP_BAN_WINDOW", "1h")
+IP_BAN_BASE = env_duration("IP_BAN_BASE", "5m")
+IP_BAN_MAX = env_duration("IP_BAN_MAX", "1d")
+IP_BAN_MEMORY = env_duration("IP_BAN_MEMORY", "7d")
 
 # --- Audit --------------------------------------------------------------------------------
 ENABLE_AUDIT_LOGGING = env_bool("ENABLE_AUDIT_LOGGING", True)

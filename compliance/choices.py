@@ -26,6 +26,9 @@ class AuditAction(models.TextChoices):
     )
     AUDIT_EXPORTED = "audit.exported", "Audit trail exported"
     SIGNING_KEY_ROTATED = "security.signing_key_rotated", "Signing key rotated"
+    RATE_LIMITED = "security.rate_limited", "Rate limit exceeded"
+    IP_BANNED = "security.ip_banned", "IP address banned"
+    IP_UNBANNED = "security.ip_unbanned", "IP ban lifted"
     ADMIN_ACCOUNT = "admin.account", "Admin account ensured"
     JOB_REQUESTED = "job.requested", "Job requested"
     JOB_SUCCEEDED = "job.succeeded", "Job succeeded"

@@ -8,8 +8,8 @@ from unfold.forms import AdminPasswordChangeForm, UserChangeForm, UserCreationFo
 
 from bridge.admin import AppendOnlyAdmin, ReadOnlyAdmin, label, pretty_json, utc_column
 from compliance import proof
-from security import services
-from security.models import SigningKey, TokenFamily, User
+from security import bans, services
+from security.models import IPBan, SigningKey, TokenFamily, User
 
 
 @admin.register(User)
@@ -151,3 +151,47 @@ class SigningKeyAdmin(ReadOnlyAdmin):
     @admin.display(description="rotation")
     def rotation_json(self, key: SigningKey) -> str:
         return pretty_json(key.rotation) if key.rotation else "- (the first key)"
+
+
+@admin.register(IPBan)
+class IPBanAdmin(AppendOnlyAdmin):
+    """Addresses banned after repeated over-limit episodes; lifting one is audited."""
+
+    list_display = ("network", "state", "started", "ends", "ban_number", "reason", "lifted_by")
+    list_filter = ("ban_number",)
+    search_fields = ("=network",)
+    date_hierarchy = "started_at"
+    fields = ("network", "state", "reason", "started", "ends", "ban_number", "lifted", "lifted_by")
+    readonly_fields = fields
+    actions = ["lift"]
+
+    started = utc_column("started_at", "started")
+    ends = utc_column("ends_at", "ends")
+    lifted = utc_column("lifted_at", "lifted")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+    @admin.display(description="state")
+    def state(self, row: IPBan) -> str:
+        if row.lifted_at is not None:
+            return label("lifted", "info")
+        return label("active", "danger") if row.active else label("ended", "")
+
+    def get_actions(self, request: HttpRequest) -> dict:
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)
+        return actions
+
+    def has_lift_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("security.lift_ipban")
+
+    @admin.action(description="Lift the selected bans now", permissions=["lift"])
+    def lift(self, request: HttpRequest, queryset: QuerySet[IPBan]) -> None:
+        from compliance.audit import AuditContext
+
+        count = bans.lift(bans=list(queryset), context=AuditContext.from_request(request))
+        self.message_user(request, f"Lifted {count} ban(s).", level=messages.WARNING)

@@ -78,3 +78,44 @@ class SigningKey(models.Model):
 
     def __str__(self) -> str:
         return self.key_id
+
+
+class RateHit(models.Model):
+    """One admitted request for a limiter key: the database backend of security.ratelimit
+    when there is no Redis (a sliding log, as exact as Redis's; rows go once out of window)."""
+
+    key = models.CharField(max_length=200)
+    at = models.FloatField()
+
+    class Meta:
+        indexes = [models.Index(fields=["key", "at"], name="rate_hit_key_at")]
+
+    def __str__(self) -> str:
+        return f"{self.key} @ {self.at}"
+
+
+class IPBan(models.Model):
+    """A temporary ban of an address (an IPv6 /64) after repeated over-limit episodes; each
+    ban of the same address lasts twice the one before, up to IP_BAN_MAX."""
+
+    network = models.CharField(max_length=64, db_index=True)
+    reason = models.CharField(max_length=200)
+    started_at = models.DateTimeField()
+    ends_at = models.DateTimeField(db_index=True)
+    ban_number = models.PositiveIntegerField(default=1)
+    lifted_at = models.DateTimeField(null=True, blank=True)
+    lifted_by = models.CharField(max_length=150, blank=True)
+
+    class Meta:
+        ordering = ["-started_at"]
+        verbose_name = "IP ban"
+        permissions = [("lift_ipban", "Can lift an IP ban early")]
+
+    def __str__(self) -> str:
+        return f"{self.network} until {self.ends_at:%Y-%m-%d %H:%M:%S}"
+
+    @property
+    def active(self) -> bool:
+        from django.utils import timezone
+
+        return self.lifted_at is None and self.ends_at > timezone.now()

@@ -29,7 +29,7 @@ from rest_framework_simplejwt.tokens import RefreshToken
 from compliance import proof
 from compliance.audit import AuditContext, iso, record_event
 from compliance.choices import AuditAction
-from security import keys
+from security import keys, ratelimit
 from security.choices import FamilyRevocation
 from security.ip import client_ip
 from security.lockout import retry_after_seconds
@@ -59,6 +59,15 @@ class LockedOut(AuthError):
         self.retry_after = retry_after
 
 
+class UsernameRateLimited(LockedOut):
+    """Too many login attempts for one submitted username, from any number of addresses."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(retry_after)
+        self.args = ("Too many login attempts for this username; try again later.",)
+        self.code = "login_rate_limited"
+
+
 @dataclass(frozen=True)
 class TokenPair:
     access: str
@@ -81,7 +90,14 @@ def login(*, request: HttpRequest, username: str, password: str) -> TokenPair:
     """Check credentials through axes and Django, and open a new refresh-token family.
 
     A failure is recorded by the `user_login_failed` receiver (axes counts it there too).
+    Attempts per submitted username are limited too (RATE_LIMIT_LOGIN_USERNAME), whatever
+    address they come from: a botnet guessing one account's password gets its share, no more.
     """
+    if settings.ENABLE_DDOS_PROTECTION:
+        rate = ratelimit.Rate.parse(settings.RATE_LIMIT_LOGIN_USERNAME)
+        decision = ratelimit.hit(f"login:{username.casefold()[:150]}", rate)
+        if not decision.allowed:
+            raise UsernameRateLimited(math.ceil(decision.retry_after))
     user = authenticate(request=request, username=username, password=password)
     if getattr(request, "axes_locked_out", False):
         raise LockedOut(retry_after_seconds(request))

@@ -205,6 +205,12 @@ def _test_signing_key_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _no_rate_limits(settings) -> None:
+    """Tests send hundreds of requests from one address; the limiter's own tests switch it on."""
+    settings.ENABLE_DDOS_PROTECTION = False
+
+
+@pytest.fixture(autouse=True)
 def checkpoint_dir(settings, tmp_path, _test_signing_key_file) -> Path:
     """Each test writes its checkpoints to a directory sink of its own."""
     settings.AUDIT_SIGNING_KEY_FILE = _test_signing_key_file
@@ -261,20 +267,14 @@ def process_env(**extra: str) -> dict[str, str]:
     env["DATABASE_URL"] = database_url_of_tests()
     env["AUDIT_SIGNING_KEY_FILE"] = str(settings.AUDIT_SIGNING_KEY_FILE)
     env["AUDIT_CHECKPOINT_DIR"] = str(settings.AUDIT_CHECKPOINT_DIR)
+    # Servers the tests start run unlimited unless a test asks (extra) for the limiter.
+    env["ENABLE_DDOS_PROTECTION"] = "false"
     env.update(extra)
     return env
 
 
-@pytest.fixture(scope="session")
-def gunicorn_server(django_db_setup, django_db_blocker) -> Iterator[str]:
-    """Bridge under gunicorn, two workers as in production, on the test database."""
-    with django_db_blocker.unblock():
-        if connection.vendor != "postgresql":
-            yield ""
-            return
-        # Fuzzing sends thousands of refused requests: Django's one warning line per 4xx would
-        # bury a CI log. Errors still show.
-        env = process_env(LOG_LEVEL="ERROR")
+def start_gunicorn(env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """Bridge under gunicorn (two threaded workers, as in production), once it answers."""
     port = free_port()
     process = subprocess.Popen(
         [
@@ -305,6 +305,20 @@ def gunicorn_server(django_db_setup, django_db_blocker) -> Iterator[str]:
     else:
         process.kill()
         raise RuntimeError("gunicorn did not start")
+    return process, url
+
+
+@pytest.fixture(scope="session")
+def gunicorn_server(django_db_setup, django_db_blocker) -> Iterator[str]:
+    """Bridge under gunicorn, two workers as in production, on the test database."""
+    with django_db_blocker.unblock():
+        if connection.vendor != "postgresql":
+            yield ""
+            return
+        # Fuzzing sends thousands of refused requests: Django's one warning line per 4xx would
+        # bury a CI log. Errors still show.
+        env = process_env(LOG_LEVEL="ERROR")
+    process, url = start_gunicorn(env)
     yield url
     process.terminate()
     process.wait(timeout=15)
