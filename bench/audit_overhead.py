@@ -37,6 +37,9 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "bridge.settings")
 # Production mode (DEBUG would keep every SQL query in memory); one key for the token signer
 # (this script) and the servers.
 os.environ.update(DEBUG="false", SECRET_KEY="bench-" + "k" * 40, ALLOWED_HOSTS="127.0.0.1")
+# These benchmarks load one endpoint from one address: the rate limiter (measured on its own in
+# bench/security_overhead.py) would turn them into a benchmark of 429s.
+os.environ["ENABLE_DDOS_PROTECTION"] = "false"
 sys.path.insert(0, str(ROOT))
 
 PATH = "/api/compliance/audit/events?page_size=10"

@@ -24,6 +24,9 @@ PG = "postgres://postgres@127.0.0.1:5432"
 os.environ["DATABASE_URL"] = f"{PG}/{DB_NAME}"
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "bridge.settings")
 os.environ.update(DEBUG="false", SECRET_KEY="bench-" + "k" * 40, ALLOWED_HOSTS="testserver")
+# These benchmarks load one endpoint from one address: the rate limiter (measured on its own in
+# bench/security_overhead.py) would turn them into a benchmark of 429s.
+os.environ["ENABLE_DDOS_PROTECTION"] = "false"
 sys.path.insert(0, str(ROOT))
 from _seed import grow  # noqa: E402  (bench/ is this script's own folder)
 
