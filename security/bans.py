@@ -17,10 +17,6 @@ from security.models import IPBan
 log = logging.getLogger(__name__)
 
 
-def _cache_key(group: str) -> str:
-    return f"bridge:ban:{group}"
-
-
 def active_ban_until(group: str) -> datetime | None:
     """When the address's ban ends, or None. One Redis GET with REDIS_URL (bans are mirrored
     there with their expiry), one indexed query otherwise."""
@@ -28,7 +24,7 @@ def active_ban_until(group: str) -> datetime | None:
         import redis
 
         try:
-            value = ratelimit._redis_connection().get(_cache_key(group))
+            value = ratelimit._redis_connection().get(ratelimit.ban_key(group))
         except redis.RedisError as exc:
             raise ratelimit.LimiterUnavailable(f"Redis: {type(exc).__name__}") from exc
         if value is None:
@@ -92,7 +88,7 @@ def ban(*, group: str, reason: str, context: AuditContext) -> IPBan:
     if settings.REDIS_URL:
         seconds = max(1, int(length.total_seconds()))
         ratelimit._redis_connection().set(
-            _cache_key(group), str(row.ends_at.timestamp()), ex=seconds
+            ratelimit.ban_key(group), str(row.ends_at.timestamp()), ex=seconds
         )
     log.warning("IP BANNED: %s for %s (ban %s)", group, length, earlier + 1)
     return row
@@ -116,5 +112,5 @@ def lift(*, bans: list[IPBan], context: AuditContext) -> int:
                 details={"network": row.network},
             )
             if settings.REDIS_URL:
-                ratelimit._redis_connection().delete(_cache_key(row.network))
+                ratelimit._redis_connection().delete(ratelimit.ban_key(row.network))
     return lifted

@@ -14,6 +14,7 @@ the address for IP_BAN_BASE, doubled with each earlier ban in IP_BAN_MEMORY, up 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import secrets
@@ -38,6 +39,7 @@ class Decision:
     count: int
     limit: int
     retry_after: float  # seconds until a request would be admitted (0 when allowed)
+    banned_until: float | None = None  # epoch seconds, when the address is banned
 
 
 @dataclass(frozen=True)
@@ -87,8 +89,15 @@ def allowlisted(ip: str | None) -> bool:
 
 # --- Redis ----------------------------------------------------------------------------------
 
-# Admit a request if fewer than `limit` were admitted in the last `window` ms, on Redis's clock.
+# Admit a request if fewer than `limit` were admitted in the last `window` ms, on Redis's clock;
+# with a ban key, a ban refuses first (one round trip for both checks).
 _SLIDING_WINDOW = """
+if KEYS[2] then
+  local banned = redis.call('GET', KEYS[2])
+  if banned then
+    return {-1, 0, banned}
+  end
+end
 local now = redis.call('TIME')
 local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local window, limit = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -128,17 +137,27 @@ def _redis():
     return _script
 
 
-def _hit_redis(key: str, rate: Rate) -> Decision:
+def _hit_redis(key: str, rate: Rate, ban_group: str | None = None) -> Decision:
     import redis
 
     window_ms = max(1, int(rate.window * 1000))
+    keys = [f"bridge:rl:{key}"]
+    if ban_group is not None:
+        keys.append(ban_key(ban_group))
     try:
-        allowed, count, retry_ms = _redis()(
-            keys=[f"bridge:rl:{key}"], args=[window_ms, rate.limit, secrets.token_hex(6)]
+        allowed, count, retry = _redis()(
+            keys=keys, args=[window_ms, rate.limit, secrets.token_hex(6)]
         )
     except redis.RedisError as exc:
         raise LimiterUnavailable(f"Redis: {type(exc).__name__}") from exc
-    return Decision(bool(allowed), int(count), rate.limit, max(0.0, float(retry_ms) / 1000))
+    if allowed == -1:  # banned: `retry` is the ban's end (epoch seconds, as text)
+        until = float(retry)
+        return Decision(False, 0, rate.limit, max(0.0, until - time.time()), banned_until=until)
+    return Decision(bool(allowed), int(count), rate.limit, max(0.0, float(retry) / 1000))
+
+
+def ban_key(group: str) -> str:
+    return f"bridge:ban:{group}"
 
 
 # --- Database -------------------------------------------------------------------------------
@@ -173,10 +192,11 @@ def _hit_database(key: str, rate: Rate) -> Decision:
     return Decision(False, count, rate.limit, max(0.001, oldest + rate.window - now))
 
 
-def hit(key: str, rate: Rate) -> Decision:
-    """Count a request against `key` if under `rate`; the decision either way."""
+def hit(key: str, rate: Rate, *, ban_group: str | None = None) -> Decision:
+    """Count a request against `key` if under `rate`; the decision either way. With
+    `ban_group` on Redis, a ban of that address refuses first, in the same round trip."""
     if settings.REDIS_URL:
-        return _hit_redis(key, rate)
+        return _hit_redis(key, rate, ban_group)
     return _hit_database(key, rate)
 
 
@@ -200,7 +220,12 @@ ENDPOINT_CLASSES = ("auth", "read", "write", "export", "crypto")
 
 
 def rate_for(endpoint_class: str) -> Rate:
-    return Rate.parse(settings.RATE_LIMITS[endpoint_class])
+    return _parsed(settings.RATE_LIMITS[endpoint_class])
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed(text: str) -> Rate:
+    return Rate.parse(text)
 
 
 def endpoint_class(path: str, method: str) -> str:

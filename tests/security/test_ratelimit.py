@@ -266,3 +266,12 @@ def test_a_security_officer_lifts_a_ban_from_the_console(limited, security_offic
     assert row.lifted_by == security_officer.username and not row.active
     assert AuditEvent.objects.filter(action=AuditAction.IP_UNBANNED).count() == 1
     assert Client(REMOTE_ADDR="203.0.113.14").get("/api/jobs").status_code == 401
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_flood_of_refusals_is_not_a_flood_of_log_lines(limited, caplog):
+    flooder = Client(REMOTE_ADDR="203.0.113.15")
+    with caplog.at_level("WARNING", logger="django.request"):
+        codes = [flooder.get("/api/jobs").status_code for _ in range(20)]
+    assert codes.count(429) == 17
+    assert not [r for r in caplog.records if "Too Many Requests" in r.getMessage()]
