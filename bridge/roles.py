@@ -32,6 +32,7 @@ ROLE_PERMISSIONS: dict[Role, tuple[str, ...]] = {
         "security.view_*",
         "security.revoke_tokenfamily",
         "security.lift_ipban",
+        "security.use_crypto",
         "compliance.view_auditcheckpoint",
         "axes.view_*",
         "axes.delete_accessattempt",

@@ -292,6 +292,11 @@ SPECTACULAR_SETTINGS = {
     ],
 }
 
+# --- Encryption at rest (security/crypto.py) ----------------------------------------------
+# The master key: base64 of 32 random bytes, from the environment or a file, never derived from
+# SECRET_KEY. Production refuses to encrypt without it; development generates var/keys/master.key.
+BRIDGE_MASTER_KEY = env_str("BRIDGE_MASTER_KEY")
+
 # --- Rate limits and bans (security/ratelimit.py) --------------------------------------------
 ENABLE_DDOS_PROTECTION = env_bool("ENABLE_DDOS_PROTECTION", True)
 # Requests per sliding window, per client IP (IPv6 per /64) and per endpoint class.

@@ -119,3 +119,29 @@ class IPBan(models.Model):
         from django.utils import timezone
 
         return self.lifted_at is None and self.ends_at > timezone.now()
+
+
+class DataKey(models.Model):
+    """An AES-256 data key, stored only wrapped (AES-256-GCM under the master key, bound to
+    its own id, purpose and subject). One current key per purpose and data subject; destroying
+    a subject's key (crypto-shredding) leaves every ciphertext made with it unreadable."""
+
+    key_id = models.CharField(max_length=40, unique=True)
+    purpose = models.CharField(max_length=64)
+    subject_id = models.CharField(max_length=128, blank=True)
+    version = models.PositiveIntegerField(default=1)
+    master_key_id = models.CharField(max_length=40)
+    wrapped = models.TextField(blank=True)  # base64 of nonce + ciphertext; blank once destroyed
+    created_at = models.DateTimeField()
+    destroyed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["purpose", "subject_id", "version"], name="data_key_version"
+            )
+        ]
+        permissions = [("use_crypto", "Can encrypt and decrypt through the API")]
+
+    def __str__(self) -> str:
+        return f"{self.key_id} ({self.purpose}{'/' + self.subject_id if self.subject_id else ''})"

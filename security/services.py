@@ -29,7 +29,7 @@ from rest_framework_simplejwt.tokens import RefreshToken
 from compliance import proof
 from compliance.audit import AuditContext, iso, record_event
 from compliance.choices import AuditAction
-from security import keys, ratelimit
+from security import crypto, keys, ratelimit
 from security.choices import FamilyRevocation
 from security.ip import client_ip
 from security.lockout import retry_after_seconds
@@ -375,3 +375,48 @@ def rotate_audit_signing_key(
         keys.write_key_file(current.path, new, replace=True)
     log.warning("audit signing key rotated: %s -> %s", current.key_id, new_id)
     return row
+
+
+def encrypt_text(
+    *, context: AuditContext, plaintext: str, bound_to: str = "", subject_id: str = ""
+) -> tuple[str, str]:
+    """Encrypt for a caller of the API (purpose `api`); audited with sizes and key id only."""
+    ciphertext = crypto.encrypt(
+        plaintext.encode("utf-8"), purpose="api", context=bound_to, subject_id=subject_id
+    )
+    key_id = crypto.key_id_of(ciphertext)
+    record_event(
+        action=AuditAction.DATA_ENCRYPTED,
+        context=context,
+        object_type="security.datakey",
+        object_id=key_id,
+        details={"bytes": len(plaintext.encode("utf-8")), "subject": bool(subject_id)},
+    )
+    return ciphertext, key_id
+
+
+def decrypt_text(*, context: AuditContext, ciphertext: str, bound_to: str = "") -> str:
+    """Decrypt for a caller of the API; a failure is audited (and raised) too."""
+    key_id = ""
+    try:
+        key_id = crypto.key_id_of(ciphertext)
+        plaintext = crypto.decrypt(ciphertext, context=bound_to).decode("utf-8")
+    except (crypto.CryptoError, UnicodeDecodeError) as exc:
+        record_event(
+            action=AuditAction.DECRYPTION_FAILED,
+            context=context,
+            object_type="security.datakey",
+            object_id=key_id,
+            details={"code": getattr(exc, "code", "not_text")},
+        )
+        if isinstance(exc, UnicodeDecodeError):
+            raise crypto.CryptoError("the plaintext is not UTF-8 text") from exc
+        raise
+    record_event(
+        action=AuditAction.DATA_DECRYPTED,
+        context=context,
+        object_type="security.datakey",
+        object_id=key_id,
+        details={"bytes": len(plaintext.encode("utf-8"))},
+    )
+    return plaintext

@@ -20,3 +20,38 @@ class TokenPairSerializer(serializers.Serializer):
 class LogoutResultSerializer(serializers.Serializer):
     detail = serializers.CharField()
     sessions_revoked = serializers.IntegerField()
+
+
+class EncryptRequestSerializer(serializers.Serializer):
+    plaintext = StrictCharField(
+        max_length=1_000_000, allow_blank=True, trim_whitespace=False, help_text="UTF-8 text."
+    )
+    context = StrictCharField(
+        max_length=200,
+        required=False,
+        default="",
+        allow_blank=True,
+        help_text="Where the ciphertext belongs (model, row, field...); decryption needs it.",
+    )
+    subject_id = StrictCharField(
+        max_length=128,
+        required=False,
+        default="",
+        allow_blank=True,
+        help_text="The data subject: their own key, which erasure destroys.",
+    )
+
+
+class EncryptResultSerializer(serializers.Serializer):
+    ciphertext = serializers.CharField()
+    key_id = serializers.CharField()
+    algorithm = serializers.CharField()
+
+
+class DecryptRequestSerializer(serializers.Serializer):
+    ciphertext = StrictCharField(max_length=1_500_000, trim_whitespace=False)
+    context = StrictCharField(max_length=200, required=False, default="", allow_blank=True)
+
+
+class DecryptResultSerializer(serializers.Serializer):
+    plaintext = serializers.CharField()

@@ -1,18 +1,25 @@
+from typing import ClassVar
+
 from drf_spectacular.utils import extend_schema
 from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from bridge.api import ErrorSerializer
-from security import services
+from bridge.api import BridgeViewSet, ErrorSerializer, audit_context
+from security import crypto, services
 from security.api.serializers import (
+    DecryptRequestSerializer,
+    DecryptResultSerializer,
+    EncryptRequestSerializer,
+    EncryptResultSerializer,
     LoginSerializer,
     LogoutResultSerializer,
     RefreshSerializer,
     TokenPairSerializer,
 )
 from security.authentication import VersionedJWTAuthentication
+from security.crypto import ALGORITHM
 
 
 def _refusal(error: services.AuthError) -> Response:
@@ -80,3 +87,51 @@ class LogoutView(APIView):
                 {"detail": "Logged out everywhere.", "sessions_revoked": revoked}
             ).data
         )
+
+
+class CryptoViewSet(BridgeViewSet):
+    """Encryption at rest as a service: AES-256-GCM under per-purpose and per-subject data keys.
+    Audited without the plaintext."""
+
+    required_permissions: ClassVar[dict[str, tuple[str, ...]]] = {
+        "encrypt": ("security.use_crypto",),
+        "decrypt": ("security.use_crypto",),
+    }
+
+    @extend_schema(
+        tags=["security"],
+        summary="Encrypt text (AES-256-GCM), bound to a context and optionally a data subject",
+        request=EncryptRequestSerializer,
+        responses={200: EncryptResultSerializer},
+    )
+    def encrypt(self, request: Request) -> Response:
+        payload = EncryptRequestSerializer(data=request.data)
+        payload.is_valid(raise_exception=True)
+        data = payload.validated_data
+        ciphertext, key_id = services.encrypt_text(
+            context=audit_context(request),
+            plaintext=data["plaintext"],
+            bound_to=data["context"],
+            subject_id=data["subject_id"],
+        )
+        return Response({"ciphertext": ciphertext, "key_id": key_id, "algorithm": ALGORITHM})
+
+    @extend_schema(
+        tags=["security"],
+        summary="Decrypt a ciphertext from POST /encrypt with the same context",
+        request=DecryptRequestSerializer,
+        responses={200: DecryptResultSerializer},
+    )
+    def decrypt(self, request: Request) -> Response:
+        payload = DecryptRequestSerializer(data=request.data)
+        payload.is_valid(raise_exception=True)
+        data = payload.validated_data
+        try:
+            plaintext = services.decrypt_text(
+                context=audit_context(request),
+                ciphertext=data["ciphertext"],
+                bound_to=data["context"],
+            )
+        except crypto.CryptoError as exc:
+            return Response({"ciphertext": [str(exc)], "code": exc.code}, status=400)
+        return Response({"plaintext": plaintext})
