@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.core.exceptions import RequestDataTooBig
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    if isinstance(exc, RequestDataTooBig):
+        # Django's own guard (DATA_UPLOAD_MAX_MEMORY_SIZE), which DRF would let through as 500.
+        return Response(
+            {"detail": "The request body is too large.", "code": "body_too_large"}, status=413
+        )
     response = drf_exception_handler(exc, context)
     if response is None or not isinstance(response.data, dict):
         return response

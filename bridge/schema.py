@@ -92,6 +92,8 @@ def _possible_errors(path: str, operation: dict[str, Any]) -> dict[str, dict[str
         errors["400"] = _json(
             INVALID_INPUT, "Invalid input: the fields or parameters at fault, or a parse error."
         )
+    if "requestBody" in operation:
+        errors["413"] = _json(_ref("Refusal"), "The request body is larger than Bridge accepts.")
     if authenticated:
         errors["401"] = _json(
             _ref("Refusal"),

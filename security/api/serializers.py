@@ -24,7 +24,10 @@ class LogoutResultSerializer(serializers.Serializer):
 
 class EncryptRequestSerializer(serializers.Serializer):
     plaintext = StrictCharField(
-        max_length=1_000_000, allow_blank=True, trim_whitespace=False, help_text="UTF-8 text."
+        max_length=100_000,
+        allow_blank=True,
+        trim_whitespace=False,
+        help_text="UTF-8 text, up to 100,000 characters.",
     )
     context = StrictCharField(
         max_length=200,
@@ -49,7 +52,7 @@ class EncryptResultSerializer(serializers.Serializer):
 
 
 class DecryptRequestSerializer(serializers.Serializer):
-    ciphertext = StrictCharField(max_length=1_500_000, trim_whitespace=False)
+    ciphertext = StrictCharField(max_length=600_000, trim_whitespace=False)
     context = StrictCharField(max_length=200, required=False, default="", allow_blank=True)
 
 

@@ -133,5 +133,8 @@ class CryptoViewSet(BridgeViewSet):
                 bound_to=data["context"],
             )
         except crypto.CryptoError as exc:
-            return Response({"ciphertext": [str(exc)], "code": exc.code}, status=400)
+            # A refusal naming the field at fault (the shape of every refusal, with `field`).
+            return Response(
+                {"detail": str(exc), "code": exc.code, "field": "ciphertext"}, status=400
+            )
         return Response({"plaintext": plaintext})

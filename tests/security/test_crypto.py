@@ -88,8 +88,8 @@ def test_the_api_encrypts_and_decrypts_for_security_officers_only(
     )
     assert opened.json() == {"plaintext": "IBAN DE89 3704"}
     wrong = api.post(DECRYPT, {"ciphertext": result["ciphertext"], "context": "x"}, format="json")
-    assert wrong.status_code == 400 and "ciphertext" in wrong.json()
-    assert wrong.json()["code"] == "decryption_failed"
+    assert wrong.status_code == 400 and wrong.json()["field"] == "ciphertext"
+    assert wrong.json()["code"] == "decryption_failed" and "context" in wrong.json()["detail"]
     assert compliance_api.post(ENCRYPT, body, format="json").status_code == 403
     assert anon_api.post(ENCRYPT, body, format="json").status_code == 401
     # audited, but never with the plaintext
@@ -97,3 +97,14 @@ def test_the_api_encrypts_and_decrypts_for_security_officers_only(
     assert "DE89" not in trail
     assert AuditEvent.objects.filter(action=AuditAction.DATA_ENCRYPTED).count() == 1
     assert AuditEvent.objects.filter(action=AuditAction.DECRYPTION_FAILED).count() == 1
+
+
+def test_a_body_over_the_upload_limit_is_413_not_500(security_officer):
+    from tests.conftest import client_for
+
+    api = client_for(security_officer)
+    body = '{"plaintext": "' + "\\ud94b\\udcd6" * 300_000 + '"}'
+    response = api.post(ENCRYPT, body, content_type="application/json")
+    assert response.status_code == 413 and response.json()["code"] == "body_too_large"
+    too_long = api.post(ENCRYPT, {"plaintext": "x" * 100_001}, format="json")
+    assert too_long.status_code == 400 and "plaintext" in too_long.json()
