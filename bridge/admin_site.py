@@ -71,6 +71,12 @@ def sidebar_navigation(request: HttpRequest) -> list[dict[str, Any]]:
                     "admin:compliance_auditverification_changelist",
                     can("compliance.view_auditverification"),
                 ),
+                _item(
+                    "Checkpoints",
+                    "approval",
+                    "admin:compliance_auditcheckpoint_changelist",
+                    can("compliance.view_auditcheckpoint"),
+                ),
             ],
         },
         {
@@ -99,6 +105,18 @@ def sidebar_navigation(request: HttpRequest) -> list[dict[str, Any]]:
                     "login",
                     "admin:axes_accesslog_changelist",
                     can("axes.view_accesslog"),
+                ),
+                _item(
+                    "IP bans",
+                    "block",
+                    "admin:security_ipban_changelist",
+                    can("security.view_ipban"),
+                ),
+                _item(
+                    "Signing keys",
+                    "vpn_key",
+                    "admin:security_signingkey_changelist",
+                    can("security.view_signingkey"),
                 ),
             ],
         },
