@@ -80,6 +80,26 @@ def truncate_tail(keep: int) -> None:
     )
 
 
+def insert_checkpoint_signed_by_a_stranger(*, after: AuditCheckpoint) -> None:
+    """An insider's checkpoint row following `after`, signed with a key of their own."""
+    forger = Ed25519PrivateKey.generate()
+    payload = {**after.record_data, "number": after.number + 1, "prev_signature": after.signature}
+    payload.pop("signature")
+    forged = proof.sign_checkpoint(
+        {**payload, "key_id": proof.key_id_of(forger.public_key())}, forger
+    )
+    AuditCheckpoint.objects.create(
+        number=after.number + 1,
+        seq=after.seq,
+        hash=after.hash,
+        created_at=after.created_at,
+        key_id=forged["key_id"],
+        signature=forged["signature"],
+        record=proof.canonical_json(forged),
+        status=CheckpointStatus.PUBLISHED,
+    )
+
+
 def internally_consistent() -> bool:
     """What verification without checkpoints would say: every link and hash holds."""
     from compliance.verification import chain_rows
@@ -232,22 +252,7 @@ def test_a_forged_checkpoint_row_in_the_database_is_reported(verify, tmp_path):
     sealed_events(20)
     real = checkpoints.make_checkpoint()
     # when an insider inserts a checkpoint row signed with a key of their own
-    forger = Ed25519PrivateKey.generate()
-    payload = {**real.record_data, "number": 2, "prev_signature": real.signature}
-    payload.pop("signature")
-    forged = proof.sign_checkpoint(
-        {**payload, "key_id": proof.key_id_of(forger.public_key())}, forger
-    )
-    AuditCheckpoint.objects.create(
-        number=2,
-        seq=real.seq,
-        hash=real.hash,
-        created_at=real.created_at,
-        key_id=forged["key_id"],
-        signature=forged["signature"],
-        record=proof.canonical_json(forged),
-        status=CheckpointStatus.PUBLISHED,
-    )
+    insert_checkpoint_signed_by_a_stranger(after=real)
     # then the API, the CLI and the offline verifier report checkpoint #2 as untrusted
     assert_checkpoint_named(
         verify, tmp_path, 2, "checkpoint #2 in the database: signed by key", "which is not trusted"
@@ -719,22 +724,7 @@ def test_the_checkpointer_never_chains_from_a_forged_newest_row(settings):
     # given a real checkpoint, then an insider's row after it, signed with their own key
     sealed_events(5)
     real = checkpoints.make_checkpoint()
-    forger = Ed25519PrivateKey.generate()
-    payload = {**real.record_data, "number": 2, "prev_signature": real.signature}
-    payload.pop("signature")
-    forged = proof.sign_checkpoint(
-        {**payload, "key_id": proof.key_id_of(forger.public_key())}, forger
-    )
-    AuditCheckpoint.objects.create(
-        number=2,
-        seq=real.seq,
-        hash=real.hash,
-        created_at=real.created_at,
-        key_id=forged["key_id"],
-        signature=forged["signature"],
-        record=proof.canonical_json(forged),
-        status=CheckpointStatus.PUBLISHED,
-    )
+    insert_checkpoint_signed_by_a_stranger(after=real)
     record(3, "later")
     chain.seal_all_pending()
     # when the checkpointer runs, it refuses rather than sign on top of it, and says why
