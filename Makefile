@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test install lint format setup bench clean
+.PHONY: run run-tls test install lint format setup bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,13 @@ setup: install
 
 run: setup
 	bin/run
+
+# `make run` over HTTPS with a self-signed pair for localhost, made once under var/tls/
+# (`make run` with TLS_CERT_FILE and TLS_KEY_FILE set serves a pair of your own).
+TLS_DIR = $(or $(BRIDGE_VAR_DIR),var)/tls
+run-tls: setup
+	$(BIN)/python manage.py make_dev_cert --if-missing
+	TLS_CERT_FILE=$(TLS_DIR)/cert.pem TLS_KEY_FILE=$(TLS_DIR)/key.pem bin/run
 
 lint: install
 	$(BIN)/ruff check .

@@ -140,6 +140,11 @@ def main() -> None:
         f"the flood (ratio {busy['p99_ms'] / quiet['p99_ms']:.2f}); its requests refused: "
         f"{busy['non2xx']}"
     )
+    # The third figure the issue asks of this script: encryption against raw AES-GCM.
+    print("encryption at rest against raw AESGCM (target >= 0.80 at 1 MiB):", flush=True)
+    subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("crypto_throughput.py"))], check=True
+    )
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
-from django.urls import reverse
+from django.urls import URLPattern, path, reverse
 from unfold.sites import UnfoldAdminSite
 
 
@@ -17,6 +17,40 @@ class BridgeAdminSite(UnfoldAdminSite):
     site_header = "Bridge console"
     site_title = "Bridge"
     index_title = "Dashboard"
+    # The login form asks for the authenticator code too (security/otp.py).
+    login_template = "security/console_login.html"
+
+    def __init__(self, name: str = "admin") -> None:
+        super().__init__(name)
+        from security.otp import ConsoleLoginForm
+
+        self.login_form = ConsoleLoginForm
+
+    def get_urls(self) -> list[URLPattern]:
+        two_factor = path("account/two-factor/", self.admin_view(self.two_factor), name="otp_enrol")
+        return [two_factor, *super().get_urls()]
+
+    def two_factor(self, request: HttpRequest) -> HttpResponse:
+        """Enrol an authenticator for one's own account (security/otp.py)."""
+        from security.otp import enrolment_view
+
+        return enrolment_view(request, self)
+
+    def each_context(self, request: HttpRequest) -> dict[str, Any]:
+        context = super().each_context(request)
+        if getattr(request, "otp_enrolment_pending", False):
+            # Nothing else to navigate to before an authenticator is enrolled.
+            enrol = {
+                "title": "Two-factor authentication",
+                "icon": "password",
+                "link": reverse("admin:otp_enrol"),
+                "has_permission": True,
+                "active": True,
+            }
+            context["sidebar_navigation"] = [{"title": "Your account", "items": [enrol]}]
+            context["sidebar_show_all_applications"] = False
+            context["available_apps"] = []
+        return context
 
     def index(self, request: HttpRequest, extra_context: dict | None = None) -> TemplateResponse:
         from bridge.panels import build_panels
@@ -118,6 +152,42 @@ def sidebar_navigation(request: HttpRequest) -> list[dict[str, Any]]:
                     "admin:security_signingkey_changelist",
                     can("security.view_signingkey"),
                 ),
+                _item(
+                    "Threat events",
+                    "crisis_alert",
+                    "admin:security_threatevent_changelist",
+                    can("security.view_threatevent"),
+                ),
+                _item(
+                    "Address activity",
+                    "lan",
+                    "admin:security_ipactivity_changelist",
+                    can("security.view_ipactivity"),
+                ),
+                _item(
+                    "User activity",
+                    "person_alert",
+                    "admin:security_useractivity_changelist",
+                    can("security.view_useractivity"),
+                ),
+                _item(
+                    "Data keys",
+                    "key",
+                    "admin:security_datakey_changelist",
+                    can("security.view_datakey"),
+                ),
+                _item(
+                    "Subject keys",
+                    "fingerprint",
+                    "admin:security_subjectkey_changelist",
+                    can("security.view_subjectkey"),
+                ),
+                _item(
+                    "Stored secrets",
+                    "lock",
+                    "admin:security_storedsecret_changelist",
+                    can("security.view_storedsecret"),
+                ),
             ],
         },
         {
@@ -154,6 +224,13 @@ def sidebar_navigation(request: HttpRequest) -> list[dict[str, Any]]:
                     can("security.view_user"),
                 ),
                 _item("Groups", "group", "admin:auth_group_changelist", can("auth.view_group")),
+                _item(
+                    "Authenticators",
+                    "phonelink_lock",
+                    "admin:otp_totp_totpdevice_changelist",
+                    can("otp_totp.view_totpdevice"),
+                ),
+                _item("Two-factor authentication", "password", "admin:otp_enrol", can_see_console),
             ],
         },
     ]

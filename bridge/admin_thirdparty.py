@@ -13,6 +13,7 @@ from axes.models import AccessAttempt, AccessAttemptExpiration, AccessFailureLog
 from django.contrib import admin
 from django.contrib.auth import admin as auth_admin
 from django.contrib.auth.models import Group
+from django.db.models import QuerySet
 from django.http import HttpRequest
 from django_celery_beat import admin as beat_admin
 from django_celery_beat.models import (
@@ -22,6 +23,8 @@ from django_celery_beat.models import (
     PeriodicTask,
     SolarSchedule,
 )
+from django_otp.plugins.otp_totp import admin as totp_admin  # noqa: F401  (replaced below)
+from django_otp.plugins.otp_totp.models import TOTPDevice
 from rest_framework_simplejwt.token_blacklist import admin as blacklist_admin
 from rest_framework_simplejwt.token_blacklist.models import BlacklistedToken, OutstandingToken
 from unfold.admin import ModelAdmin, TabularInline
@@ -42,6 +45,7 @@ for model in (
     ClockedSchedule,
     OutstandingToken,
     BlacklistedToken,
+    TOTPDevice,
 ):
     if admin.site.is_registered(model):
         admin.site.unregister(model)
@@ -166,3 +170,41 @@ class OutstandingTokenAdmin(blacklist_admin.OutstandingTokenAdmin, AppendOnlyAdm
 class BlacklistedTokenAdmin(blacklist_admin.BlacklistedTokenAdmin, AppendOnlyAdmin):
     blacklisted_at_utc = utc_column("blacklisted_at", "blacklisted at")
     list_display = _with_utc(blacklist_admin.BlacklistedTokenAdmin.list_display, "blacklisted_at")
+
+
+# --- django-otp: users' authenticators -------------------------------------------------------
+
+
+@admin.register(TOTPDevice)
+class TOTPDeviceAdmin(ModelAdmin):
+    """Who enrolled an authenticator, and when it was last used. Not django-otp's own admin:
+    that one shows the secret and its QR code to whoever may view the row, which would let an
+    administrator copy anyone's second factor. Here the secret never shows; removing a device
+    (a lost phone) is audited, and its owner enrols again at the next login (security/otp.py).
+    """
+
+    list_display = ("user", "name", "confirmed", "created_at_utc", "last_used_at_utc")
+    list_filter = ("confirmed",)
+    list_select_related = ("user",)
+    search_fields = ("user__username",)
+    fields = ("user", "name", "confirmed", "created_at", "last_used_at", "throttling_failure_count")
+    readonly_fields = fields
+    created_at_utc = utc_column("created_at", "enrolled at")
+    last_used_at_utc = utc_column("last_used_at", "last used at")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # each user enrols their own, on their own page
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+    def delete_model(self, request: HttpRequest, obj: TOTPDevice) -> None:
+        self.delete_queryset(request, TOTPDevice.objects.filter(pk=obj.pk))
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet) -> None:
+        from compliance.audit import AuditContext
+        from security import otp
+
+        otp.remove_devices(
+            devices=queryset, context=AuditContext.from_request(request), reason="console"
+        )

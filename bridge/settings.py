@@ -85,6 +85,9 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "axes",
+    # Two-factor login (security/otp.py): TOTP authenticators.
+    "django_otp",
+    "django_otp.plugins.otp_totp",
     "django_celery_beat",
     "security",
     "compliance",
@@ -93,6 +96,9 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # Before anything asks request.is_secure(): drops a proxy's scheme header sent by a peer
+    # outside TRUSTED_PROXIES; refuses plain http under /api/ in production.
+    "bridge.tls.HttpsMiddleware",
     "django.middleware.security.SecurityMiddleware",
     # Before WhiteNoise, so that static files (an SVG opened directly, say) carry it too.
     "csp.middleware.CSPMiddleware",
@@ -101,10 +107,17 @@ MIDDLEWARE = [
     "compliance.middleware.AuditMiddleware",
     # Before sessions and authentication: a banned or flooding client costs one lookup.
     "security.middleware.RateLimitMiddleware",
+    # Right behind it, so a banned or refused request costs it nothing; it looks at the response
+    # (404, 413) too. Only a suspicious request costs a write (security/threats.py).
+    "security.middleware.ThreatMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # Marks a session verified by its authenticator; then holds sessions to the two-factor
+    # rule (a required role without an authenticator may open the enrolment page only).
+    "django_otp.middleware.OTPMiddleware",
+    "security.otp.SecondFactorMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "axes.middleware.AxesMiddleware",
@@ -258,6 +271,13 @@ AXES_RESET_ON_SUCCESS = True
 AXES_CLIENT_IP_CALLABLE = "security.ip.client_ip"
 AXES_LOCKOUT_CALLABLE = "security.lockout.lockout_response"
 AXES_VERBOSE = False
+# axes keeps the form values of a failed console login: never the authenticator code.
+AXES_SENSITIVE_PARAMETERS = ["username", "ip_address", "otp_token"]
+
+# Two-factor login (security/otp.py). Who must log in with a TOTP authenticator: "superuser"
+# and/or role names (comma separated; empty: nobody must). A user who enrolled one is asked
+# for its code at every login whatever this says.
+OTP_REQUIRED_ROLES = env_list("OTP_REQUIRED_ROLES", "superuser,security_officer")
 
 # --- API ----------------------------------------------------------------------------------
 REST_FRAMEWORK = {
@@ -296,6 +316,24 @@ SPECTACULAR_SETTINGS = {
 # The master key: base64 of 32 random bytes, from the environment or a file, never derived from
 # SECRET_KEY. Production refuses to encrypt without it; development generates var/keys/master.key.
 BRIDGE_MASTER_KEY = env_str("BRIDGE_MASTER_KEY")
+# During a master key rotation: the keys being replaced (comma-separated), still accepted for
+# unwrapping until `manage.py rotate_keys` has re-wrapped every data key under the current one.
+BRIDGE_MASTER_KEY_PREVIOUS = [
+    item.strip() for item in env_str("BRIDGE_MASTER_KEY_PREVIOUS").split(",") if item.strip()
+]
+# How long a process keeps a purpose's unwrapped data key (subject keys are never kept, so a
+# shredded subject key stops working everywhere at once).
+DATA_KEY_CACHE_SECONDS = env_int("DATA_KEY_CACHE_SECONDS", 300, minimum=0)
+# Subject keys are left out of database dumps and backed up on their own, daily, with a short
+# retention: a key shredded for an erasure is gone from every copy within the one-month deadline
+# (GDPR Art. 12(3)), while a restore still finds every living subject's key.
+SUBJECT_KEY_BACKUP_DIR = Path(env_str("SUBJECT_KEY_BACKUP_DIR") or VAR_DIR / "subject-key-backups")
+SUBJECT_KEY_BACKUP_RETENTION_DAYS = env_int("SUBJECT_KEY_BACKUP_RETENTION_DAYS", 7, minimum=1)
+if SUBJECT_KEY_BACKUP_RETENTION_DAYS >= 28:
+    raise ImproperlyConfigured(
+        "SUBJECT_KEY_BACKUP_RETENTION_DAYS must stay under 28: a shredded subject key has to be "
+        "gone from its backups within the one-month erasure deadline"
+    )
 
 # --- Rate limits and bans (security/ratelimit.py) --------------------------------------------
 ENABLE_DDOS_PROTECTION = env_bool("ENABLE_DDOS_PROTECTION", True)
@@ -326,6 +364,24 @@ IP_BAN_WINDOW = env_duration("IP_BAN_WINDOW", "1h")
 IP_BAN_BASE = env_duration("IP_BAN_BASE", "5m")
 IP_BAN_MAX = env_duration("IP_BAN_MAX", "1d")
 IP_BAN_MEMORY = env_duration("IP_BAN_MEMORY", "7d")
+
+# --- Threat assessment (security/threats.py) -------------------------------------------------
+# Part of the protection ENABLE_DDOS_PROTECTION switches on (its bans are the limiter's); this
+# turns the scoring alone off. Scored events of four layers add to a score per address (IPv6
+# per /64) or per signed-in user that halves every THREAT_SCORE_HALF_LIFE.
+ENABLE_THREAT_DETECTION = env_bool("ENABLE_THREAT_DETECTION", True)
+THREAT_SCORE_HALF_LIFE = env_duration("THREAT_SCORE_HALF_LIFE", "1h")
+# Crossing THREAT_ALERT_SCORE records one security.threat_alert event (an episode lasts until
+# the score decays below it again); reaching THREAT_BAN_SCORE bans the address (IP_BAN_* lengths).
+THREAT_ALERT_SCORE = env_int("THREAT_ALERT_SCORE", 50, minimum=1)
+THREAT_BAN_SCORE = env_int("THREAT_BAN_SCORE", 100, minimum=1)
+# Past these counts per sliding window, a client's 404s (per address, or per user when signed in)
+# and a user's decryptions and exports are scored: a scanner, an unusual volume of data read.
+THREAT_404_BURST = env_str("THREAT_404_BURST", "20/1m")
+THREAT_DECRYPT_VOLUME = env_str("THREAT_DECRYPT_VOLUME", "200/1h")
+THREAT_EXPORT_VOLUME = env_str("THREAT_EXPORT_VOLUME", "10/1h")
+# Points per kind of event, overriding the defaults in security/threats.py: {"xss": 30, ...}.
+THREAT_SCORES = env_json("THREAT_SCORES", {})
 
 # --- Audit --------------------------------------------------------------------------------
 ENABLE_AUDIT_LOGGING = env_bool("ENABLE_AUDIT_LOGGING", True)
@@ -432,6 +488,10 @@ CELERY_BEAT_SCHEDULE = {
         "task": "compliance.tasks.scheduled_verification_task",
         "schedule": float(AUDIT_VERIFY_INTERVAL),
     },
+    "backup-subject-keys": {
+        "task": "security.tasks.backup_subject_keys_task",
+        "schedule": 86400.0,
+    },
     "reap-stale-jobs": {
         "task": "bridge.tasks.reap_stale_jobs_task",
         "schedule": 60.0,
@@ -465,19 +525,32 @@ if not DEBUG:
     SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", not LOCAL_RUN)
     CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", not LOCAL_RUN)
     SECURE_CONTENT_TYPE_NOSNIFF = True
-    # Off until TLS is in place: a browser that learnt HSTS cannot reach plain http for max-age.
-    SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0, minimum=0)
-    # Opt-in: they bind every subdomain of the site, and preload lists are slow to leave.
-    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
-    SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
-    SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
-    # Load balancers probe over plain http from the inside; a redirect would read as "down".
-    SECURE_REDIRECT_EXEMPT = [r"^health/"]
+    # Production is served over HTTPS only (BRIDGE_ENV=production), so browsers are told so
+    # for a year, subdomains of Bridge's host included, with the preload directive (joining
+    # the browsers' list stays a manual step at hstspreload.org). Elsewhere opt-in: a browser
+    # that learnt HSTS cannot reach plain http on that host for max-age.
+    SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31536000 if PRODUCTION else 0, minimum=0)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", PRODUCTION)
+    SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", PRODUCTION)
+    # The console's plain-http pages redirect to https. Not /api/: bridge.tls.HttpsMiddleware
+    # refuses it (API_HTTPS_ONLY). Not /health/: load balancers and the kubelet probe over
+    # plain http from the inside, and a redirect would read as "down".
+    SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", PRODUCTION)
+    SECURE_REDIRECT_EXEMPT = [r"^health/", r"^api/"]
+# Plain http under /api/ gets 403 https_required in production rather than a redirect.
+API_HTTPS_ONLY = PRODUCTION
+# bridge/gunicorn.conf.py reads the same variable: TLS 1.3 only when on, TLS 1.2 too when off.
+ENABLE_TLS13 = env_bool("ENABLE_TLS13", True)
 # Behind a TLS-terminating proxy that sets this header (e.g. X-Forwarded-Proto) on every
-# request: "https" in it means the client spoke HTTPS. Never set it without such a proxy, or
-# any client could claim HTTPS.
+# request: "https" in it means the client spoke HTTPS. Believed only from TRUSTED_PROXIES
+# (bridge.tls.HttpsMiddleware drops it from any other peer), so it needs them declared.
 _proxy_ssl_header = env_str("SECURE_PROXY_SSL_HEADER").strip()
 if _proxy_ssl_header:
+    if not TRUSTED_PROXIES:
+        raise ImproperlyConfigured(
+            "SECURE_PROXY_SSL_HEADER is set but TRUSTED_PROXIES is empty: name the proxies "
+            "(CIDRs) whose header is believed"
+        )
     SECURE_PROXY_SSL_HEADER = ("HTTP_" + _proxy_ssl_header.upper().replace("-", "_"), "https")
 
 # Content-Security-Policy on every response (django-csp). Scripts only from Bridge itself:

@@ -9,13 +9,13 @@ HttpRequest, so services, Celery tasks and commands record events the same way.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from django.db import connection
+from django.db import connection, transaction
 from django.http import HttpRequest
 from django.utils import timezone
 
@@ -119,7 +119,65 @@ def record_event(**fields: Any) -> int:
     """
     with connection.cursor() as cursor:
         cursor.execute(_insert_sql(connection.vendor), event_values(**fields))
-        return cursor.fetchone()[0]
+        event_id = cursor.fetchone()[0]
+    observers = _observers.get(fields.get("action", ""))
+    if observers:
+        _notify_on_commit(event_id, fields, observers)
+    return event_id
+
+
+# --- Observers --------------------------------------------------------------------------------
+# Other areas react to what the trail records (security.threats scores failed logins, token
+# reuse, decryptions and exports) without hooks in every caller: an observer subscribes to
+# actions and is called with each such event once its transaction commits, never for one rolled
+# back. It runs in the recording process; one that fails is logged and the others still run.
+# (API request events, written in batches by compliance.writer, are not observed.)
+
+
+@dataclass(frozen=True)
+class RecordedEvent:
+    """An event as recorded: its details redacted as they were stored."""
+
+    id: int
+    action: str
+    context: AuditContext
+    object_type: str
+    object_id: str
+    path: str
+    details: dict
+
+
+_observers: dict[str, list[Callable[[RecordedEvent], None]]] = {}
+
+
+def observe(actions: Iterable[str], observer: Callable[[RecordedEvent], None]) -> None:
+    """Call `observer` with every committed event of one of `actions` (idempotent)."""
+    for action in actions:
+        subscribed = _observers.setdefault(str(action), [])
+        if observer not in subscribed:
+            subscribed.append(observer)
+
+
+def _notify_on_commit(
+    event_id: int, fields: dict[str, Any], observers: list[Callable[[RecordedEvent], None]]
+) -> None:
+    # The context is fixed now: by commit time the request may be over.
+    context = fields.get("context")
+    try:
+        details = redact(fields.get("details") or {}, mask=fields.get("mask", ()))
+    except RecursionError:
+        details = {}
+    event = RecordedEvent(
+        id=event_id,
+        action=str(fields["action"]),
+        context=context if context is not None else AuditContext.current(),
+        object_type=str(fields.get("object_type", "")),
+        object_id=str(fields.get("object_id", "")),
+        path=str(fields.get("path", "")),
+        details=details,
+    )
+    for observer in list(observers):
+        transaction.on_commit(functools.partial(observer, event), robust=True)
 
 
 def event_values(

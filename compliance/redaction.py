@@ -166,6 +166,10 @@ _URL_PASSWORD = re.compile(
     r"(?<![A-Za-z0-9+.-])(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*:)[^/?#\s]+"
     r"(?=@[^@/?#\s]*(?:[/?#\s]|$))"
 )
+# A URL's query parameters. Without this, `scheme:` reads as an assignment whose bare value
+# swallows the rest of the URL, so `otpauth://totp/...?secret=KEY` (an authenticator's key) or
+# `https://host/?token=...` would pass. Masked when the parameter's name is a secret key.
+_URL_QUERY_PARAM = re.compile(r"(?<=[?&;])(?P<name>[A-Za-z_][A-Za-z0-9_.-]*)=[^&;#\s\"']*")
 # A quoted value runs to its closing quote (spaces included); a bare one to a space, `&`, `;`,
 # `,` or a quote, so `password=p@ss(word)` is masked whole.
 _ASSIGNMENT = re.compile(
@@ -214,6 +218,10 @@ def _mask_assignment(match: re.Match[str]) -> str:
     return f"{match['name']}{match['sep']}{REDACTED}"
 
 
+def _mask_query_param(match: re.Match[str]) -> str:
+    return f"{match['name']}={REDACTED}" if is_secret_key(match["name"]) else match[0]
+
+
 def redact_text(text: str) -> str:
     """`text` with every credential it holds replaced by [REDACTED], the rest kept."""
     # Each pattern runs only when its tell-tale substring is present: most strings (user
@@ -226,6 +234,8 @@ def redact_text(text: str) -> str:
         text = _AUTH_SCHEME.sub(lambda match: f"{match['scheme']} {REDACTED}", text)
     if "://" in text:
         text = _URL_PASSWORD.sub(lambda match: f"{match['head']}{REDACTED}", text)
+        if "=" in text:
+            text = _URL_QUERY_PARAM.sub(_mask_query_param, text)
     if "=" in text or ":" in text:
         text = _ASSIGNMENT.sub(_mask_assignment, text)
     return text

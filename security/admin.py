@@ -1,15 +1,38 @@
+from datetime import timedelta
+from typing import ClassVar
+
+from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin
-from django.db.models import QuerySet
+from django.db.models import Exists, OuterRef, QuerySet
+from django.db.models.functions import Now
 from django.http import HttpRequest
+from django.utils import timezone
 from django.utils.html import format_html
 from unfold.admin import ModelAdmin
 from unfold.forms import AdminPasswordChangeForm, UserChangeForm, UserCreationForm
 
-from bridge.admin import AppendOnlyAdmin, ReadOnlyAdmin, label, pretty_json, utc_column
+from bridge.admin import (
+    AppendOnlyAdmin,
+    ReadOnlyAdmin,
+    label,
+    pretty_json,
+    truncated,
+    utc_column,
+    utc_text,
+)
 from compliance import proof
-from security import bans, services
-from security.models import IPBan, SigningKey, TokenFamily, User
+from security import bans, services, threats
+from security.choices import ThreatLayer
+from security.models import (
+    IPActivity,
+    IPBan,
+    SigningKey,
+    ThreatEvent,
+    TokenFamily,
+    User,
+    UserActivity,
+)
 
 
 @admin.register(User)
@@ -195,3 +218,173 @@ class IPBanAdmin(AppendOnlyAdmin):
 
         count = bans.lift(bans=list(queryset), context=AuditContext.from_request(request))
         self.message_user(request, f"Lifted {count} ban(s).", level=messages.WARNING)
+
+
+# --- Threat assessment (security/threats.py): read-only, written by the scoring engine ---------
+
+_LAYER_VARIANTS = {
+    ThreatLayer.NETWORK: "info",
+    ThreatLayer.AUTHENTICATION: "warning",
+    ThreatLayer.APPLICATION: "danger",
+    ThreatLayer.DATA: "danger",
+}
+
+
+class SeenWithinFilter(admin.SimpleListFilter):
+    """Seen in the last hour, day or week: an indexed range on last_seen."""
+
+    title = "last seen"
+    parameter_name = "seen"
+    _SPANS: ClassVar[dict[str, timedelta]] = {
+        "1h": timedelta(hours=1),
+        "24h": timedelta(days=1),
+        "7d": timedelta(days=7),
+    }
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list:
+        return [("1h", "Last hour"), ("24h", "Last 24 hours"), ("7d", "Last 7 days")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        span = self._SPANS.get(self.value() or "")
+        return queryset.filter(last_seen__gte=timezone.now() - span) if span else queryset
+
+
+class BannedFilter(admin.SimpleListFilter):
+    title = "banned"
+    parameter_name = "banned"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list:
+        return [("now", "Banned now"), ("ever", "Banned at least once"), ("never", "Never")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        if self.value() == "now":
+            return queryset.filter(banned_now=True)
+        if self.value() == "ever":
+            return queryset.filter(ban_count__gt=0)
+        if self.value() == "never":
+            return queryset.filter(ban_count=0)
+        return queryset
+
+
+def _score_label(score: float) -> str:
+    if score >= settings.THREAT_BAN_SCORE:
+        variant = "danger"
+    elif score >= settings.THREAT_ALERT_SCORE:
+        variant = "warning"
+    else:
+        variant = "" if score < 1 else "info"
+    return label(f"{score:.1f}", variant)
+
+
+@admin.register(ThreatEvent)
+class ThreatEventAdmin(ReadOnlyAdmin):
+    """Every scored observation of the four layers, newest first."""
+
+    list_display = ("occurred", "layer_label", "kind", "score", "network", "user", "short_path")
+    list_display_links = ("occurred",)
+    list_filter = ("layer", "kind")
+    list_select_related = ("user",)
+    search_fields = ("=network", "=user__username")
+    date_hierarchy = "occurred_at"
+    list_per_page = 50
+    fieldsets = (
+        (None, {"fields": ("occurred", "layer_label", "kind", "score", "network", "user")}),
+        ("Request", {"fields": ("path", "details_json")}),
+    )
+
+    occurred = utc_column("occurred_at", "occurred")
+
+    @admin.display(description="layer", ordering="layer")
+    def layer_label(self, event: ThreatEvent) -> str:
+        return label(event.get_layer_display(), _LAYER_VARIANTS.get(event.layer, ""))
+
+    @admin.display(description="path")
+    def short_path(self, event: ThreatEvent) -> str:
+        return truncated(event.path, 40)
+
+    @admin.display(description="details")
+    def details_json(self, event: ThreatEvent) -> str:
+        return pretty_json(event.details)
+
+
+@admin.register(IPActivity)
+class IPActivityAdmin(ReadOnlyAdmin):
+    """Each address's threat score (decayed to now), what it did and how often it was banned."""
+
+    list_display = (
+        "network",
+        "score_now",
+        "events",
+        "flagged_requests",
+        "refusals",
+        "ban_count",
+        "ban_state",
+        "first",
+        "last",
+    )
+    list_filter = (SeenWithinFilter, BannedFilter)
+    search_fields = ("=network",)
+    ordering = ("-last_seen",)
+    fieldsets = (
+        (None, {"fields": ("network", "score_now", "recorded_score", "ban_state")}),
+        ("Counts", {"fields": ("events", "flagged_requests", "refusals", "ban_count")}),
+        ("Times", {"fields": ("first", "last", "scored", "last_alert")}),
+    )
+
+    first = utc_column("first_seen", "first seen")
+    last = utc_column("last_seen", "last seen")
+    scored = utc_column("scored_at", "scored")
+    last_alert = utc_column("last_alert_at", "last alert")
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[IPActivity]:
+        # Whether a ban holds now, from the bans themselves (lifting one early counts at once).
+        active = IPBan.objects.filter(
+            network=OuterRef("network"), lifted_at__isnull=True, ends_at__gt=Now()
+        )
+        return super().get_queryset(request).annotate(banned_now=Exists(active))
+
+    @admin.display(description="score now")
+    def score_now(self, row: IPActivity) -> str:
+        return _score_label(threats.current_score(row))
+
+    @admin.display(description="recorded score")
+    def recorded_score(self, row: IPActivity) -> str:
+        return f"{row.score:.1f} at {utc_text(row.scored_at)}"
+
+    @admin.display(description="ban")
+    def ban_state(self, row: IPActivity) -> str:
+        if getattr(row, "banned_now", False):
+            return label("banned", "danger")
+        return label(f"{row.ban_count} earlier", "") if row.ban_count else "-"
+
+
+@admin.register(UserActivity)
+class UserActivityAdmin(ReadOnlyAdmin):
+    """Each signed-in user's threat score (decayed to now): what they did is scored by name."""
+
+    list_display = ("user", "score_now", "events", "first", "last", "last_alert")
+    list_filter = (SeenWithinFilter,)
+    list_select_related = ("user",)
+    search_fields = ("=user__username",)
+    ordering = ("-last_seen",)
+    fieldsets = (
+        (None, {"fields": ("user", "score_now", "recorded_score", "events")}),
+        ("Times", {"fields": ("first", "last", "scored", "last_alert")}),
+    )
+
+    first = utc_column("first_seen", "first seen")
+    last = utc_column("last_seen", "last seen")
+    scored = utc_column("scored_at", "scored")
+    last_alert = utc_column("last_alert_at", "last alert")
+
+    @admin.display(description="score now")
+    def score_now(self, row: UserActivity) -> str:
+        return _score_label(threats.current_score(row))
+
+    @admin.display(description="recorded score")
+    def recorded_score(self, row: UserActivity) -> str:
+        return f"{row.score:.1f} at {utc_text(row.scored_at)}"
+
+
+# The keys pages live beside this module; importing registers them.
+from security import admin_keys  # noqa: E402, F401

@@ -5,9 +5,14 @@ class SecurityConfig(AppConfig):
     name = "security"
 
     def ready(self) -> None:
-        from security import schema  # noqa: F401  (registers the OpenAPI bearer scheme)
+        from security import schema, tasks  # noqa: F401  (the OpenAPI bearer scheme; job kinds)
         from security.keys import check_signing_key_at_startup
+        from security.otp import check_required_roles
         from security.ratelimit import check_rate_limits
+        from security.threats import check_threat_settings, observe_audit_trail
 
         check_signing_key_at_startup()
         check_rate_limits()
+        check_threat_settings()
+        observe_audit_trail()  # failed logins, token reuse, decryptions and exports are scored
+        check_required_roles()

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from compliance.audit import AuditContext, record_event
 from compliance.choices import AuditAction
-from security import ratelimit
+from security import ratelimit, threats
 from security.models import IPBan
 
 log = logging.getLogger(__name__)
@@ -53,9 +53,12 @@ def note_over_limit(*, group: str, endpoint_class: str, context: AuditContext) -
         details={"class": endpoint_class},
     )
     offences = ratelimit.Rate(settings.IP_BAN_AFTER - 1, settings.IP_BAN_WINDOW.total_seconds())
-    if settings.IP_BAN_AFTER > 1 and ratelimit.hit(f"offence:{group}", offences).allowed:
-        return None
-    return ban(group=group, reason=f"{settings.IP_BAN_AFTER} over-limit episodes", context=context)
+    banned = None
+    if settings.IP_BAN_AFTER == 1 or not ratelimit.hit(f"offence:{group}", offences).allowed:
+        reason = f"{settings.IP_BAN_AFTER} over-limit episodes"
+        banned = ban(group=group, reason=reason, context=context)
+    threats.limiter_refused(group=group, endpoint_class=endpoint_class, ban=banned, context=context)
+    return banned
 
 
 def ban(*, group: str, reason: str, context: AuditContext) -> IPBan:
@@ -73,6 +76,7 @@ def ban(*, group: str, reason: str, context: AuditContext) -> IPBan:
             ends_at=now + length,
             ban_number=earlier + 1,
         )
+        threats.ban_recorded(group=group, at=now)
         record_event(
             action=AuditAction.IP_BANNED,
             context=context,

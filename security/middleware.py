@@ -13,7 +13,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 
 from compliance.audit import AuditContext
-from security import bans, ratelimit
+from security import bans, ratelimit, threats
 from security.ip import client_ip
 
 log = logging.getLogger(__name__)
@@ -87,3 +87,22 @@ class RateLimitMiddleware:
             f"Too many {kind} requests; {decision.limit} are allowed per window.",
             decision.retry_after,
         )
+
+
+class ThreatMiddleware:
+    """The application layer of threat assessment (security/threats.py): probes for SQL
+    injection, cross-site scripting and path traversal in the path or query, 404 bursts and
+    oversized bodies. It looks after the response, so it knows the status; an ordinary request
+    costs a pattern search and nothing else, a suspicious one a write. Never fails a request."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        response = self.get_response(request)
+        if settings.ENABLE_DDOS_PROTECTION and settings.ENABLE_THREAT_DETECTION:
+            try:
+                threats.inspect_request(request, response.status_code)
+            except Exception:
+                log.exception("threat assessment of request %s failed", request.path[:200])
+        return response

@@ -4,7 +4,8 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractUser
 from django.db import models
 
-from security.choices import FamilyRevocation, KeyPurpose
+from security.choices import FamilyRevocation, KeyPurpose, SecretKind, ThreatKind, ThreatLayer
+from security.fields import EncryptedTextField
 
 
 class User(AbstractUser):
@@ -121,10 +122,9 @@ class IPBan(models.Model):
         return self.lifted_at is None and self.ends_at > timezone.now()
 
 
-class DataKey(models.Model):
+class WrappedKey(models.Model):
     """An AES-256 data key, stored only wrapped (AES-256-GCM under the master key, bound to
-    its own id, purpose and subject). One current key per purpose and data subject; destroying
-    a subject's key (crypto-shredding) leaves every ciphertext made with it unreadable."""
+    its own id, purpose and subject)."""
 
     key_id = models.CharField(max_length=40, unique=True)
     purpose = models.CharField(max_length=64)
@@ -136,12 +136,141 @@ class DataKey(models.Model):
     destroyed_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
+        abstract = True
+
+    def __str__(self) -> str:
+        return f"{self.key_id} ({self.purpose}{'/' + self.subject_id if self.subject_id else ''})"
+
+
+class DataKey(WrappedKey):
+    """A purpose's data key (service credentials, API callers...); one current version per
+    purpose, older versions kept so what they encrypted stays readable."""
+
+    class Meta:
         constraints = [
             models.UniqueConstraint(
                 fields=["purpose", "subject_id", "version"], name="data_key_version"
             )
         ]
-        permissions = [("use_crypto", "Can encrypt and decrypt through the API")]
+        permissions = [
+            ("use_crypto", "Can encrypt and decrypt through the API"),
+            ("rotate_datakey", "Can rotate the encryption keys"),
+            ("run_security_selftest", "Can run the security self-test"),
+        ]
+
+
+class SubjectKey(WrappedKey):
+    """A data subject's key, in a table of its own that database dumps leave out (see
+    SUBJECT_KEY_TABLES in security/crypto.py): destroying it (crypto-shredding) leaves every
+    ciphertext made with it unreadable, in old backups too. Its own short-lived key backup
+    (`manage.py backup_subject_keys`) lets a restore find every living subject's key."""
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["purpose", "subject_id", "version"], name="subject_key_version"
+            )
+        ]
+
+
+class StoredSecret(models.Model):
+    """A credential Bridge needs to reach something (a service, a backup target, a webhook),
+    encrypted at rest and bound to its name: copied to another row, it does not decrypt."""
+
+    name = models.SlugField(max_length=100, unique=True)
+    kind = models.CharField(max_length=32, choices=SecretKind.choices, default=SecretKind.OTHER)
+    value = EncryptedTextField(purpose="stored_secret", row_key="name")
+    description = models.CharField(max_length=200, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
 
     def __str__(self) -> str:
-        return f"{self.key_id} ({self.purpose}{'/' + self.subject_id if self.subject_id else ''})"
+        return self.name
+
+
+# --- Threat assessment (security/threats.py) -------------------------------------------------
+
+
+class ThreatEvent(models.Model):
+    """One scored observation of one of the four layers (network, authentication, application,
+    data): written only when something suspicious happens, never for an ordinary request."""
+
+    occurred_at = models.DateTimeField(db_index=True)
+    layer = models.CharField(max_length=16, choices=ThreatLayer.choices)
+    kind = models.CharField(max_length=32, choices=ThreatKind.choices)
+    # Points this event added to its address's or user's score (before decay).
+    score = models.PositiveSmallIntegerField()
+    # The client address as limits and bans group it (IPv6 by /64); blank when unknown.
+    network = models.CharField(max_length=64, blank=True, db_index=True)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    path = models.CharField(max_length=500, blank=True)
+    # What matched or was counted: never a password, token or plaintext.
+    details = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-occurred_at", "-id"]
+        indexes = [models.Index(fields=["layer", "occurred_at"], name="threat_layer_time")]
+        verbose_name = "threat event"
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.network or self.user_id} +{self.score}"
+
+
+class IPActivity(models.Model):
+    """The rolling threat picture of one address (an IPv6 /64): written with each threat event
+    of the address, never for its ordinary requests. `score` is the value at `scored_at`; it
+    halves every THREAT_SCORE_HALF_LIFE from then (security.threats.current_score)."""
+
+    network = models.CharField(max_length=64, unique=True)
+    first_seen = models.DateTimeField()
+    last_seen = models.DateTimeField(db_index=True)
+    events = models.PositiveIntegerField(default=0)
+    # Requests the application layer flagged (probes, 404s past a burst, oversized bodies).
+    flagged_requests = models.PositiveIntegerField(default=0)
+    # Over-limit episodes: the first refusal of each window (later ones are the same episode).
+    refusals = models.PositiveIntegerField(default=0)
+    score = models.FloatField(default=0.0)
+    scored_at = models.DateTimeField()
+    ban_count = models.PositiveIntegerField(default=0)
+    banned_until = models.DateTimeField(null=True, blank=True)
+    last_alert_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-last_seen"]
+        verbose_name = "IP activity"
+        verbose_name_plural = "IP activity"
+
+    def __str__(self) -> str:
+        return self.network
+
+
+class UserActivity(models.Model):
+    """A signed-in user's threat score: what they did is scored against them by name (their
+    address may be a whole office behind one NAT). Decays like IPActivity's."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="threat_activity"
+    )
+    first_seen = models.DateTimeField()
+    last_seen = models.DateTimeField(db_index=True)
+    events = models.PositiveIntegerField(default=0)
+    score = models.FloatField(default=0.0)
+    scored_at = models.DateTimeField()
+    last_alert_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-last_seen"]
+        verbose_name = "user activity"
+        verbose_name_plural = "user activity"
+
+    def __str__(self) -> str:
+        return str(self.user)

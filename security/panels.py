@@ -1,4 +1,5 @@
-"""The security area's dashboard panel: sessions, lockouts, failed logins and token thefts."""
+"""The security area's dashboard panels: sessions, lockouts, failed logins and token thefts;
+the threat picture (level, bans, top offenders, events per hour)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,22 @@ from django.http import HttpRequest
 from django.urls import reverse
 from django.utils import timezone
 
-from bridge.panels import Figure, Link, PanelContent, register_panel, worst
+from bridge.panels import (
+    Bar,
+    Chart,
+    Figure,
+    Link,
+    PanelContent,
+    Row,
+    ago,
+    register_panel,
+    utc,
+    worst,
+)
 from compliance.choices import AuditAction
 from compliance.models import AuditEvent
+from security import threats
+from security.choices import ThreatLayer, ThreatLevel
 from security.models import TokenFamily
 
 
@@ -78,4 +92,89 @@ def authentication_panel(request: HttpRequest) -> PanelContent:
                 permission="security.view_user",
             ),
         ],
+    )
+
+
+_LEVEL_STATES = {
+    ThreatLevel.LOW: "ok",
+    ThreatLevel.ELEVATED: "warn",
+    ThreatLevel.HIGH: "bad",
+    ThreatLevel.CRITICAL: "bad",
+}
+
+
+@register_panel(
+    "threats",
+    title="Security · threats",
+    permissions=("security.view_threatevent",),
+    order=21,
+)
+def threats_panel(request: HttpRequest) -> PanelContent:
+    picture = threats.assess()
+    day = picture.windows[-1]
+    figures = [
+        Figure(
+            "threat level",
+            ThreatLevel(picture.level).label,
+            state=_LEVEL_STATES[picture.level],
+            hint="; ".join(picture.reasons)[:120],
+        ),
+        Figure("banned now", picture.banned, state="bad" if picture.banned else "ok"),
+        Figure("top score", f"{picture.top_score:.0f}", hint=f"ban at {settings.THREAT_BAN_SCORE}"),
+    ]
+    # Each layer's events over the day, beside the chart of all of them per hour.
+    figures += [
+        Figure(f"{label.lower()} 24 h", day.counts.get(layer, 0))
+        for layer, label in ThreatLayer.choices
+    ]
+    ban_score = settings.THREAT_BAN_SCORE
+    rows = [
+        Row(
+            label=offender.name if offender.kind == "address" else f"user {offender.name}",
+            value=f"{offender.score:.0f}",
+            state="bad" if offender.banned_until or offender.score >= ban_score else "warn",
+            detail=(
+                f"banned until {utc(offender.banned_until)}"
+                if offender.banned_until
+                else f"{offender.events} events, last {ago(offender.last_seen)}"
+            ),
+            # How far the score is on its way to a ban.
+            percent=min(100, round(100 * offender.score / ban_score)),
+        )
+        for offender in sorted(picture.addresses + picture.users, key=lambda o: -o.score)[:6]
+    ]
+    chart = Chart(
+        "Threat events per hour, every layer, last 24 h (UTC)",
+        [Bar(bucket.start.strftime("%H:00"), bucket.total) for bucket in picture.series],
+    )
+    return PanelContent(
+        state=_LEVEL_STATES[picture.level],
+        badge=f"level {picture.level}",
+        figures=figures,
+        chart=chart,
+        rows_title="Top offenders (score decayed to now; the bar is the way to a ban)",
+        rows=rows,
+        links=[
+            Link(
+                "Threat events",
+                reverse("admin:security_threatevent_changelist"),
+                permission="security.view_threatevent",
+            ),
+            Link(
+                "IP activity",
+                reverse("admin:security_ipactivity_changelist"),
+                permission="security.view_ipactivity",
+            ),
+            Link(
+                "User activity",
+                reverse("admin:security_useractivity_changelist"),
+                permission="security.view_useractivity",
+            ),
+            Link(
+                "IP bans",
+                reverse("admin:security_ipban_changelist"),
+                permission="security.view_ipban",
+            ),
+        ],
+        note="" if rows else "Nobody has a threat score now.",
     )

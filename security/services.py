@@ -29,7 +29,7 @@ from rest_framework_simplejwt.tokens import RefreshToken
 from compliance import proof
 from compliance.audit import AuditContext, iso, record_event
 from compliance.choices import AuditAction
-from security import crypto, keys, ratelimit
+from security import crypto, keys, otp, ratelimit
 from security.choices import FamilyRevocation
 from security.ip import client_ip
 from security.lockout import retry_after_seconds
@@ -68,6 +68,17 @@ class UsernameRateLimited(LockedOut):
         self.code = "login_rate_limited"
 
 
+class SecondFactorRefused(AuthError):
+    """The password was right but the authenticator code is missing, wrong, replayed or
+    throttled (401, 429), or the role requires an authenticator not yet enrolled (403)."""
+
+    def __init__(self, refused: otp.CodeRefused) -> None:
+        super().__init__(str(refused), refused.code)
+        self.status = refused.status
+        if refused.retry_after is not None:
+            self.retry_after = refused.retry_after
+
+
 @dataclass(frozen=True)
 class TokenPair:
     access: str
@@ -86,10 +97,13 @@ def _issue(user: User, family: TokenFamily) -> TokenPair:
     return _mint(user, family)[0]
 
 
-def login(*, request: HttpRequest, username: str, password: str) -> TokenPair:
+def login(*, request: HttpRequest, username: str, password: str, otp_code: str = "") -> TokenPair:
     """Check credentials through axes and Django, and open a new refresh-token family.
 
-    A failure is recorded by the `user_login_failed` receiver (axes counts it there too).
+    A user holding an authenticator must send its current code too, and one whose role
+    requires an authenticator (OTP_REQUIRED_ROLES) is refused until they enrol one in the
+    console (security/otp.py). A failure, a wrong code included, is recorded by the
+    `user_login_failed` receiver (axes counts it there too).
     Attempts per submitted username are limited too (RATE_LIMIT_LOGIN_USERNAME), whatever
     address they come from: a botnet guessing one account's password gets its share, no more.
     """
@@ -103,6 +117,20 @@ def login(*, request: HttpRequest, username: str, password: str) -> TokenPair:
         raise LockedOut(retry_after_seconds(request))
     if user is None:
         raise AuthError("Invalid username or password.", "invalid_credentials")
+    try:
+        device = otp.check_second_factor(
+            request=request,
+            user=user,
+            username=username,
+            code=otp_code,
+            channel="api",
+            enforce_enrolment=True,
+        )
+    except otp.CodeRefused as refused:
+        if getattr(request, "axes_locked_out", False):
+            # That wrong code was the failure that reached the limit.
+            raise LockedOut(retry_after_seconds(request)) from None
+        raise SecondFactorRefused(refused) from None
     with transaction.atomic():
         family = TokenFamily.objects.create(user=user, client_ip=client_ip(request))
         pair = _issue(user, family)
@@ -111,7 +139,7 @@ def login(*, request: HttpRequest, username: str, password: str) -> TokenPair:
             context=AuditContext.from_request(request, user=user),
             object_type="security.tokenfamily",
             object_id=family.pk,
-            details={"channel": "api"},
+            details={"channel": "api", "second_factor": "totp" if device else "none"},
         )
     return pair
 

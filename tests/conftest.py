@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,10 @@ from security.models import User
 # Logins in tests verify an MD5 hash instead of PBKDF2's 1.2M rounds; servers the tests start
 # inherit the variable (process_env copies the environment), so they accept those hashes too.
 os.environ.setdefault("BRIDGE_FAST_PASSWORD_HASHER", "1")
+# Nobody must enrol an authenticator in the servers the tests start (their personas log in with
+# a password); in-process the `_no_required_otp` fixture does the same, and the two-factor
+# tests (tests/security/test_totp.py) switch the production default back on.
+os.environ.setdefault("OTP_REQUIRED_ROLES", "")
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "Correct-Horse-Battery-42"
@@ -205,6 +210,23 @@ def _test_signing_key_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def _no_cached_data_keys() -> Iterator[None]:
+    """A data key cached by one test may have been rolled back with its database."""
+    from security import crypto
+
+    crypto.forget_keys()
+    yield
+    crypto.forget_keys()
+
+
+@pytest.fixture(autouse=True)
+def _no_required_otp(settings) -> None:
+    """The personas log in with a password; production requires an authenticator of
+    superusers and security officers (OTP_REQUIRED_ROLES), which test_totp.py switches on."""
+    settings.OTP_REQUIRED_ROLES = []
+
+
+@pytest.fixture(autouse=True)
 def _no_rate_limits(settings) -> None:
     """Tests send hundreds of requests from one address; the limiter's own tests switch it on."""
     settings.ENABLE_DDOS_PROTECTION = False
@@ -225,6 +247,52 @@ def _celery_eager(monkeypatch) -> None:
 
     monkeypatch.setitem(app.conf, "task_always_eager", True)
     monkeypatch.setitem(app.conf, "task_eager_propagates", True)
+
+
+@pytest.fixture
+def worker_queue(postgres, transactional_db, tmp_path, monkeypatch) -> Iterator[str]:
+    """A Celery worker in its own process, on the real broker, consuming only a queue no other
+    worker knows; it sees the test's database and keys (process_env)."""
+    from bridge.celery import app
+
+    # Publish for real even if the environment asks for eager tasks.
+    monkeypatch.setitem(app.conf, "task_always_eager", False)
+    queue = f"bridge-test-{uuid.uuid4().hex[:12]}"
+    env = process_env(CELERY_TASK_ALWAYS_EAGER="false")
+    log = (tmp_path / "worker.log").open("w")
+    worker = subprocess.Popen(
+        [
+            str(ROOT / ".venv/bin/celery"),
+            "-A",
+            "bridge",
+            "worker",
+            "--loglevel",
+            "WARNING",
+            "--concurrency",
+            "1",
+            "-Q",
+            queue,
+            "--hostname",
+            f"{queue}@%h",
+            "--without-heartbeat",
+            "--without-gossip",
+            "--without-mingle",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        yield queue
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait(timeout=10)
+        log.close()
 
 
 VERIFY = "/api/compliance/audit/verify"
@@ -267,6 +335,10 @@ def process_env(**extra: str) -> dict[str, str]:
     env["DATABASE_URL"] = database_url_of_tests()
     env["AUDIT_SIGNING_KEY_FILE"] = str(settings.AUDIT_SIGNING_KEY_FILE)
     env["AUDIT_CHECKPOINT_DIR"] = str(settings.AUDIT_CHECKPOINT_DIR)
+    # The test's own master keys, if it set any (else both sides use var/keys/master.key).
+    if settings.BRIDGE_MASTER_KEY:
+        env["BRIDGE_MASTER_KEY"] = settings.BRIDGE_MASTER_KEY
+    env["BRIDGE_MASTER_KEY_PREVIOUS"] = ",".join(settings.BRIDGE_MASTER_KEY_PREVIOUS)
     # Servers the tests start run unlimited unless a test asks (extra) for the limiter.
     env["ENABLE_DDOS_PROTECTION"] = "false"
     env.update(extra)

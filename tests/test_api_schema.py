@@ -24,12 +24,17 @@ EXPECTED_PATHS = {
     "/api/jobs": "get",
     "/api/jobs/{id}": "get",
     "/api/jobs/{id}/cancel": "post",
+    "/api/security/status": "get",
+    "/api/security/test": "post",
+    "/api/security/reset": "post",
 }
 # Operations whose POST is the whole request: nothing to send.
 BODYLESS_POSTS = {
     "/api/security/auth/logout",
     "/api/compliance/audit/verify",
     "/api/jobs/{id}/cancel",
+    "/api/security/test",
+    "/api/security/reset",
 }
 PUBLIC_OPERATIONS = {"/api/security/auth/login", "/api/security/auth/refresh"}
 HTTP_METHODS = {"get", "put", "patch", "post", "delete", "head", "options", "trace"}

@@ -82,8 +82,15 @@ def test_a_compliance_officer_sees_the_compliance_panel_but_not_the_security_one
     assert 'id="panel-security"' not in page
     for figure in SECURITY_FIGURES:
         assert figure not in page
-    # verifications are jobs this role may see, so the platform panel is there too
-    assert shown_keys(client) == {"compliance", "compliance-checkpoints", "recovery", "platform"}
+    # verifications are jobs this role may see, so the platform panel is there too; auditors
+    # read the threat picture
+    assert shown_keys(client) == {
+        "compliance",
+        "compliance-checkpoints",
+        "recovery",
+        "platform",
+        "threats",
+    }
 
 
 def test_a_security_officer_sees_the_security_panel_and_not_the_audit_trail(security_officer):

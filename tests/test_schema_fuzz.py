@@ -132,7 +132,17 @@ def _config(generated_credentials: bool) -> schemathesis.Config:
             # (schemathesis' default list accepts it, leaving it to not_a_server_error alone).
             "checks": {
                 "negative_data_rejection": {
-                    "expected-statuses": ["400", "401", "403", "404", "405", "409", "415", "429"]
+                    "expected-statuses": [
+                        "400",
+                        "401",
+                        "403",
+                        "404",
+                        "405",
+                        "409",
+                        "413",
+                        "415",
+                        "429",
+                    ]
                 }
             },
         }

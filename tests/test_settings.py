@@ -258,6 +258,7 @@ def test_a_tls_proxy_header_is_trusted_only_when_named(tmp_path):
         tmp_path,
         ["SECURE_PROXY_SSL_HEADER"],
         SECURE_PROXY_SSL_HEADER="X-Forwarded-Proto",
+        TRUSTED_PROXIES="10.0.0.0/8",
         **production,
     )
     assert plain["SECURE_PROXY_SSL_HEADER"] is None
@@ -294,8 +295,8 @@ def test_deploy_check_is_clean_in_production_with_tls_configured(tmp_path):
     assert "WARNING" not in result.stdout + result.stderr
 
 
-def test_deploy_check_names_what_is_missing_before_tls_is_configured(tmp_path):
-    result = deploy_check(tmp_path)
+def test_deploy_check_names_what_is_missing_when_hsts_and_the_redirect_are_switched_off(tmp_path):
+    result = deploy_check(tmp_path, SECURE_HSTS_SECONDS="0", SECURE_SSL_REDIRECT="0")
     assert result.returncode != 0
     for warning in ("security.W004", "security.W008"):
         assert warning in result.stderr + result.stdout

@@ -6,6 +6,18 @@ from bridge.api import StrictCharField
 class LoginSerializer(serializers.Serializer):
     username = StrictCharField(max_length=150)
     password = StrictCharField(max_length=4096, write_only=True, trim_whitespace=False)
+    otp = StrictCharField(
+        max_length=16,
+        required=False,
+        default="",
+        allow_blank=True,
+        write_only=True,
+        help_text=(
+            "The current code of the user's authenticator (6 digits), required once they have "
+            "enrolled one: without it 401 `otp_required`; wrong 401 `otp_invalid`, already "
+            "used 401 `otp_reused` (each counted by the lockout like a wrong password)."
+        ),
+    )
 
 
 class RefreshSerializer(serializers.Serializer):

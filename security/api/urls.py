@@ -1,6 +1,6 @@
 from django.urls import path
 
-from security.api import views
+from security.api import posture, threats, views
 
 urlpatterns = [
     path("auth/login", views.LoginView.as_view(), name="auth-login"),
@@ -8,4 +8,8 @@ urlpatterns = [
     path("auth/logout", views.LogoutView.as_view(), name="auth-logout"),
     path("encrypt", views.CryptoViewSet.as_view({"post": "encrypt"}), name="encrypt"),
     path("decrypt", views.CryptoViewSet.as_view({"post": "decrypt"}), name="decrypt"),
+    path("status", posture.PostureViewSet.as_view({"get": "status"}), name="status"),
+    path("test", posture.PostureViewSet.as_view({"post": "self_test"}), name="self-test"),
+    path("reset", posture.PostureViewSet.as_view({"post": "reset"}), name="reset"),
+    path("threats", threats.ThreatViewSet.as_view({"get": "overview"}), name="threats"),
 ]

@@ -1,6 +1,6 @@
 from typing import ClassVar
 
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -24,13 +24,14 @@ from security.crypto import ALGORITHM
 
 def _refusal(error: services.AuthError) -> Response:
     response = Response({"detail": str(error), "code": error.code}, status=error.status)
-    if isinstance(error, services.LockedOut):
+    if getattr(error, "retry_after", None) is not None:
         response["Retry-After"] = str(error.retry_after)
     return response
 
 
 class LoginView(APIView):
-    """Exchange a username and password for an access and a refresh token."""
+    """Exchange a username and password (and the authenticator's current code, for a user
+    who enrolled one) for an access and a refresh token."""
 
     authentication_classes: list = []
     permission_classes = [AllowAny]
@@ -38,13 +39,37 @@ class LoginView(APIView):
     @extend_schema(
         tags=["security"],
         request=LoginSerializer,
-        responses={200: TokenPairSerializer, 401: ErrorSerializer, 429: ErrorSerializer},
+        responses={
+            200: TokenPairSerializer,
+            401: OpenApiResponse(
+                ErrorSerializer,
+                description="`invalid_credentials`; or the authenticator code is missing "
+                "(`otp_required`), wrong (`otp_invalid`) or already used (`otp_reused`).",
+            ),
+            403: OpenApiResponse(
+                ErrorSerializer,
+                description="`otp_enrolment_required`: the user's role requires an "
+                "authenticator (OTP_REQUIRED_ROLES); enrol one in the console first.",
+            ),
+            429: OpenApiResponse(
+                ErrorSerializer,
+                description="`locked_out` (failed passwords and codes per username and "
+                "address), `login_rate_limited`, or `otp_throttled` (wrong codes in a row "
+                "for this authenticator); Retry-After says when to come back.",
+            ),
+        },
     )
     def post(self, request: Request) -> Response:
         payload = LoginSerializer(data=request.data)
         payload.is_valid(raise_exception=True)
+        data = payload.validated_data
         try:
-            pair = services.login(request=request._request, **payload.validated_data)
+            pair = services.login(
+                request=request._request,
+                username=data["username"],
+                password=data["password"],
+                otp_code=data["otp"],
+            )
         except services.AuthError as error:
             return _refusal(error)
         return Response(TokenPairSerializer(pair).data)

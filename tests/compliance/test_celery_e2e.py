@@ -2,64 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
 import time
-import uuid
-from collections.abc import Iterator
 
-import pytest
-
-from bridge.celery import app
 from compliance import audit, verification
 from compliance.models import AuditEvent
 from compliance.tasks import seal_audit_chain_task
-from tests.conftest import ROOT, process_env
 
 SEAL_TIMEOUT = 60
 EVENTS = 5
-
-
-@pytest.fixture
-def worker_queue(postgres, transactional_db, tmp_path, monkeypatch) -> Iterator[str]:
-    """A Celery worker in its own process, consuming only a queue no other worker knows."""
-    # Publish for real even if the environment asks for eager tasks.
-    monkeypatch.setitem(app.conf, "task_always_eager", False)
-    queue = f"bridge-test-{uuid.uuid4().hex[:12]}"
-    env = process_env(CELERY_TASK_ALWAYS_EAGER="false")
-    log = (tmp_path / "worker.log").open("w")
-    worker = subprocess.Popen(
-        [
-            str(ROOT / ".venv/bin/celery"),
-            "-A",
-            "bridge",
-            "worker",
-            "--loglevel",
-            "WARNING",
-            "--concurrency",
-            "1",
-            "-Q",
-            queue,
-            "--hostname",
-            f"{queue}@%h",
-            "--without-heartbeat",
-            "--without-gossip",
-            "--without-mingle",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        yield queue
-    finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait(timeout=10)
-        log.close()
 
 
 def _wait_until_sealed(deadline: float) -> int:

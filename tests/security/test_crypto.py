@@ -10,7 +10,7 @@ import pytest
 from compliance.choices import AuditAction
 from compliance.models import AuditEvent
 from security import crypto
-from security.models import DataKey
+from security.models import DataKey, SubjectKey
 
 pytestmark = pytest.mark.django_db
 
@@ -21,6 +21,7 @@ ENCRYPT, DECRYPT = "/api/security/encrypt", "/api/security/decrypt"
 def _master_key(settings):
     settings.BRIDGE_MASTER_KEY = base64.b64encode(b"k" * 32).decode()
     crypto._master = None
+    crypto.forget_keys()
     yield
     crypto._master = None
 
@@ -48,8 +49,8 @@ def test_a_tampered_ciphertext_or_another_context_is_refused_never_returned():
 def test_a_wrapped_key_moved_to_another_subject_does_not_unwrap():
     crypto.encrypt(b"x", purpose="test", subject_id="alice")
     bob = crypto.current_key(purpose="test", subject_id="bob")
-    alice = DataKey.objects.get(subject_id="alice")
-    DataKey.objects.filter(pk=bob.pk).update(wrapped=alice.wrapped)
+    alice = SubjectKey.objects.get(subject_id="alice")
+    SubjectKey.objects.filter(pk=bob.pk).update(wrapped=alice.wrapped)
     with pytest.raises(crypto.CryptoError, match="does not unwrap"):
         crypto.encrypt(b"y", purpose="test", subject_id="bob")
 
@@ -61,7 +62,7 @@ def test_a_shredded_subjects_data_is_unreadable_for_good():
     with pytest.raises(crypto.KeyDestroyed, match="destroyed"):
         crypto.decrypt(mine)
     assert crypto.decrypt(other) == b"bob's address"
-    assert DataKey.objects.get(subject_id="alice").wrapped == ""
+    assert SubjectKey.objects.get(subject_id="alice").wrapped == ""
 
 
 def test_production_never_makes_up_a_master_key(settings):
@@ -82,7 +83,7 @@ def test_the_api_encrypts_and_decrypts_for_security_officers_only(
     sealed = api.post(ENCRYPT, body, format="json")
     assert sealed.status_code == 200, sealed.content
     result = sealed.json()
-    assert result["algorithm"] == "AES-256-GCM" and result["key_id"].startswith("dk:")
+    assert result["algorithm"] == "AES-256-GCM" and result["key_id"].startswith("sk:")
     opened = api.post(
         DECRYPT, {"ciphertext": result["ciphertext"], "context": "invoice:7:iban"}, format="json"
     )
