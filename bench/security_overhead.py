@@ -7,7 +7,8 @@ and the medians are compared. Then the flood: a client (by X-Forwarded-For from 
 trusted proxy) floods the limited server while another client's latency is measured, against
 that client's latency with no flood, in the same run.
 
-Encryption throughput (the issue's third figure) comes with encryption at rest.
+Then encryption throughput against raw AES-GCM (the issue's third figure): it runs
+bench/crypto_throughput.py.
 
 Usage: .venv/bin/python bench/security_overhead.py [--pairs 8] [--seconds 4] [--connections 16]
 Needs PostgreSQL on 127.0.0.1:5432 (user postgres), Redis on 127.0.0.1:6379 and wrk.

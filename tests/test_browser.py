@@ -450,3 +450,68 @@ def test_console_and_swagger_ui_work_under_the_content_security_policy(chromium,
     assert console_violations == []
     assert docs_violations == []
     assert reported == []
+
+
+def test_the_threats_panel_and_the_keys_pages_show_their_state_at_1366_px(
+    chromium, live_server, settings
+):
+    from security import crypto, threats
+    from security.choices import ThreatKind
+    from security.models import DataKey, StoredSecret, ThreatEvent
+
+    # given threat events of every layer over the day, an address scored to a ban, and keys
+    settings.ENABLE_DDOS_PROTECTION = True
+    make_user("root", superuser=True)
+    analyst = make_user("analyst")
+    kinds = [
+        ThreatKind.OVER_LIMIT,
+        ThreatKind.LOGIN_FAILED,
+        ThreatKind.SQL_INJECTION,
+        ThreatKind.PATH_TRAVERSAL,
+        ThreatKind.DECRYPT_VOLUME,
+    ]
+    for n in range(30):
+        event = threats.record(kind=kinds[n % len(kinds)], network="198.51.100.0", path="/x")
+        ThreatEvent.objects.filter(pk=event.pk).update(
+            occurred_at=timezone.now() - timedelta(hours=n % 20, minutes=n)
+        )
+    for _ in range(6):
+        threats.record(kind=ThreatKind.SQL_INJECTION, network="203.0.113.0", path="/api/?q=1")
+    threats.record(kind=ThreatKind.DECRYPT_VOLUME, user_id=analyst.pk, network="192.0.2.0")
+    StoredSecret.objects.create(name="offsite-sftp", kind="backup_target", value="pw")
+    crypto.encrypt(b"x", purpose="api")
+    DataKey.objects.filter(purpose="api").update(created_at=timezone.now() - timedelta(days=400))
+
+    with console_page(chromium) as page:
+        log_in(page, live_server.url, "root", PASSWORD)
+        expect(page).to_have_url(f"{live_server.url}/admin/")
+        panel = page.locator("#panel-threats")
+        # then the panel names the level, the ban and the top offender, with a chart
+        expect(panel).to_contain_text("Critical")
+        expect(panel).to_contain_text("203.0.113.0")
+        expect(panel.locator("svg").first).to_be_visible()
+        figures = figures_of(page, "#panel-threats")
+        assert figures["banned now"] == "2", figures  # both addresses reached the ban score
+        panel.scroll_into_view_if_needed()
+        threats_shot = screenshot(page, "console-threats.png")
+
+        # and the keys page shows each key's age, the old one flagged, and the rotate action
+        page.goto(f"{live_server.url}/admin/security/datakey/")
+        expect(page.locator("#result_list")).to_contain_text("400 d")
+        expect(page.locator("#result_list")).to_contain_text("current master key")
+        keys_shot = screenshot(page, "console-keys.png")
+        for url in (
+            "/admin/security/datakey/",
+            "/admin/security/storedsecret/",
+            "/admin/security/threatevent/",
+            "/admin/security/ipactivity/",
+            "/admin/security/useractivity/",
+        ):
+            page.goto(f"{live_server.url}{url}")
+            expect(page.locator("#result_list"), url).to_be_visible()
+            widths = no_horizontal_overflow(page)
+            assert widths["page"] <= SCREEN["width"], (url, widths)
+            assert widths["table"] <= widths["room"], (url, widths)
+
+    assert_png(threats_shot)
+    assert_png(keys_shot)
