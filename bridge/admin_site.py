@@ -193,6 +193,30 @@ def sidebar_navigation(request: HttpRequest) -> list[dict[str, Any]]:
         {
             "title": "Recovery & platform",
             "items": [
+                _item(
+                    "Services",
+                    "monitor_heart",
+                    "admin:recovery_service_changelist",
+                    can("recovery.view_service"),
+                ),
+                _item(
+                    "Health transitions",
+                    "swap_vert",
+                    "admin:recovery_healthtransition_changelist",
+                    can("recovery.view_healthtransition"),
+                ),
+                _item(
+                    "Health checks",
+                    "ecg_heart",
+                    "admin:recovery_healthcheck_changelist",
+                    can("recovery.view_healthcheck"),
+                ),
+                _item(
+                    "Alerts",
+                    "notifications",
+                    "admin:recovery_alert_changelist",
+                    can("recovery.view_alert"),
+                ),
                 _item("Jobs", "pending_actions", "admin:bridge_job_changelist", can_see_jobs),
                 _item(
                     "Periodic tasks",

@@ -26,6 +26,12 @@ class Role(models.TextChoices):
 ROLE_PERMISSIONS: dict[Role, tuple[str, ...]] = {
     Role.OPERATOR: (
         "django_celery_beat.view_*",
+        "recovery.view_*",
+        "recovery.add_service",
+        "recovery.change_service",
+        "recovery.delete_service",
+        "recovery.check_service",
+        "recovery.heal_service",
         "compliance.log_custom_event",
     ),
     Role.SECURITY_OFFICER: (

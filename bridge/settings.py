@@ -335,6 +335,54 @@ if SUBJECT_KEY_BACKUP_RETENTION_DAYS >= 28:
         "gone from its backups within the one-month erasure deadline"
     )
 
+# --- Error recovery (recovery/) --------------------------------------------------------------
+# Retries (recovery/retry.py, the one executor everything that calls out goes through):
+# exponential backoff from BASE_RETRY_DELAY with jitter, capped at RETRY_MAX_DELAY, MAX_RETRIES
+# retries within one RETRY_DEADLINE; retries may be at most RETRY_BUDGET_RATIO of the calls of
+# the last RETRY_BUDGET_WINDOW (with RETRY_BUDGET_MIN allowed regardless), per service.
+MAX_RETRIES = env_int("MAX_RETRIES", 5, minimum=0)
+BASE_RETRY_DELAY = env_int("BASE_RETRY_DELAY", 1000, minimum=1)  # milliseconds
+RETRY_MAX_DELAY = env_int("RETRY_MAX_DELAY", 30000, minimum=1)  # milliseconds
+RETRY_DEADLINE = env_int("RETRY_DEADLINE", 60000, minimum=1)  # milliseconds, all attempts
+RETRY_JITTER = env_str("RETRY_JITTER", "full")  # "full" or "decorrelated"
+if RETRY_JITTER not in ("full", "decorrelated"):
+    raise ImproperlyConfigured("RETRY_JITTER: full or decorrelated")
+RETRY_BUDGET_RATIO = float(env_str("RETRY_BUDGET_RATIO", "0.2"))
+RETRY_BUDGET_MIN = env_int("RETRY_BUDGET_MIN", 10, minimum=0)
+RETRY_BUDGET_WINDOW = env_duration("RETRY_BUDGET_WINDOW", "1m")
+# Circuit breakers (recovery/breaker.py): over BREAKER_WINDOW, with at least BREAKER_MIN_CALLS,
+# a failure rate or a slow-call rate (calls over BREAKER_SLOW_CALL_MS) at or past its threshold
+# opens the breaker for BREAKER_OPEN_BASE, doubled per consecutive trip up to BREAKER_OPEN_MAX;
+# then BREAKER_HALF_OPEN_PERMITS trial calls decide.
+BREAKER_WINDOW = env_duration("BREAKER_WINDOW", "30s")
+BREAKER_MIN_CALLS = env_int("BREAKER_MIN_CALLS", 5, minimum=1)
+BREAKER_FAILURE_RATE = float(env_str("BREAKER_FAILURE_RATE", "0.5"))
+BREAKER_SLOW_RATE = float(env_str("BREAKER_SLOW_RATE", "0.8"))
+BREAKER_SLOW_CALL_MS = env_int("BREAKER_SLOW_CALL_MS", 5000, minimum=1)
+BREAKER_OPEN_BASE = env_duration("BREAKER_OPEN_BASE", "5s")
+BREAKER_OPEN_MAX = env_duration("BREAKER_OPEN_MAX", "5m")
+BREAKER_HALF_OPEN_PERMITS = env_int("BREAKER_HALF_OPEN_PERMITS", 1, minimum=1)
+# Health (recovery/monitor.py): beat checks every HEALTH_CHECK_INTERVAL seconds, each probe
+# within CASCADE_TIMEOUT ms; HEALTH_FAILURES_TO_DOWN failures in a row to go down,
+# HEALTH_PASSES_TO_UP passes to come back; results older than HEALTH_STALE_AFTER are unknown.
+HEALTH_CHECK_INTERVAL = env_int("HEALTH_CHECK_INTERVAL", 5, minimum=1)
+CASCADE_TIMEOUT = env_int("CASCADE_TIMEOUT", 5000, minimum=100)
+HEALTH_FAILURES_TO_DOWN = env_int("HEALTH_FAILURES_TO_DOWN", 2, minimum=1)
+HEALTH_PASSES_TO_UP = env_int("HEALTH_PASSES_TO_UP", 2, minimum=1)
+HEALTH_STALE_AFTER = env_duration("HEALTH_STALE_AFTER", "1m")
+HEALTH_HISTORY_DAYS = env_int("HEALTH_HISTORY_DAYS", 7, minimum=1)
+# Self-healing (recovery/healing.py).
+ENABLE_SELF_HEALING = env_bool("ENABLE_SELF_HEALING", True)
+HEAL_MAX_ATTEMPTS = env_int("HEAL_MAX_ATTEMPTS", 3, minimum=1)  # per service per window
+HEAL_WINDOW = env_duration("HEAL_WINDOW", "1h")
+HEAL_MAX_CONCURRENT = env_int("HEAL_MAX_CONCURRENT", 2, minimum=1)
+# {"name": ["argv", "..."]}: the only commands a restart_command strategy may run.
+RECOVERY_RESTART_COMMANDS = env_json("RECOVERY_RESTART_COMMANDS", {})
+# Alerts on change: mail to these addresses (Django's mail backend), and a webhook (JSON POST,
+# sent through the retry executor).
+RECOVERY_ALERT_EMAILS = env_list("RECOVERY_ALERT_EMAILS")
+RECOVERY_ALERT_WEBHOOK = env_str("RECOVERY_ALERT_WEBHOOK")
+
 # --- Rate limits and bans (security/ratelimit.py) --------------------------------------------
 ENABLE_DDOS_PROTECTION = env_bool("ENABLE_DDOS_PROTECTION", True)
 # Requests per sliding window, per client IP (IPv6 per /64) and per endpoint class.
@@ -491,6 +539,12 @@ CELERY_BEAT_SCHEDULE = {
     "backup-subject-keys": {
         "task": "security.tasks.backup_subject_keys_task",
         "schedule": 86400.0,
+    },
+    # Runs the checks that are due (each service has its own interval), concurrently.
+    "recovery-health-checks": {
+        "task": "recovery.tasks.run_health_checks_task",
+        "schedule": float(HEALTH_CHECK_INTERVAL),
+        "options": {"expire_seconds": HEALTH_CHECK_INTERVAL},
     },
     "reap-stale-jobs": {
         "task": "bridge.tasks.reap_stale_jobs_task",

@@ -51,3 +51,72 @@ def readiness_panel(request: HttpRequest) -> PanelContent:
         rows_title="Dependencies and background work",
         rows=rows,
     )
+
+
+# --- Monitored services (recovery/monitor.py) ---------------------------------------------
+
+_HEALTH_STATES = {"up": "ok", "degraded": "warn", "down": "bad", "unknown": "warn"}
+SERVICE_ROWS = 8
+
+
+@register_panel(
+    "recovery-services",
+    title="Recovery · services",
+    permissions=("recovery.view_service",),
+    order=31,
+)
+def services_panel(request: HttpRequest) -> PanelContent:
+    """Every watched service's health, the worst first, with its reason."""
+    from django.urls import reverse
+
+    from bridge.panels import Link, ago
+    from recovery import monitor
+    from recovery.models import HealOperation, Service
+
+    monitor.ensure_builtin_services()
+    services = monitor.sort_worst_first(list(Service.objects.all()))
+    statuses = [(monitor.effective_status(service), service) for service in services]
+    counts: dict[str, int] = {}
+    for (status, _), _service in statuses:
+        counts[status] = counts.get(status, 0) + 1
+    overall = monitor.overall_status([(status, s.critical) for (status, _), s in statuses])
+    healing = HealOperation.objects.filter(outcome="pending").count()
+    rows = [
+        Row(
+            label=service.name,
+            value=status,
+            state=_HEALTH_STATES.get(status, "info"),
+            detail=reason
+            + (f" · {service.last_latency_ms:.0f} ms" if service.last_latency_ms else "")
+            + f" · checked {ago(service.last_checked_at)}",
+            url=reverse("admin:recovery_service_change", args=[service.pk]),
+        )
+        for (status, reason), service in statuses[:SERVICE_ROWS]
+    ]
+    down = counts.get("down", 0)
+    return PanelContent(
+        state={"up": "ok", "degraded": "warn", "down": "bad"}.get(overall, "warn"),
+        badge=overall,
+        figures=[
+            Figure("services", len(services)),
+            Figure("up", counts.get("up", 0), state="ok" if counts.get("up") else ""),
+            Figure("down", down, state="bad" if down else "ok"),
+            Figure(
+                "degraded or unknown",
+                counts.get("degraded", 0) + counts.get("unknown", 0),
+                state="warn" if counts.get("degraded") or counts.get("unknown") else "",
+            ),
+            Figure("healing", healing, state="info" if healing else ""),
+        ],
+        rows_title="Worst first",
+        rows=rows,
+        links=[
+            Link("Services", reverse("admin:recovery_service_changelist")),
+            Link(
+                "Transitions",
+                reverse("admin:recovery_healthtransition_changelist"),
+                permission="recovery.view_healthtransition",
+            ),
+        ],
+        note="" if rows else "No services yet.",
+    )

@@ -27,6 +27,15 @@ EXPECTED_PATHS = {
     "/api/security/status": "get",
     "/api/security/test": "post",
     "/api/security/reset": "post",
+    "/api/recovery/retry-stats": "get",
+    "/api/recovery/test-retry": "post",
+    "/api/recovery/circuit-breaker/{service}/reset": "post",
+    "/api/recovery/heal/{service}": "post",
+    "/api/recovery/reset": "delete",
+    "/api/recovery/services": "post",
+    "/api/recovery/services/{service}": "patch",
+    "/api/recovery/health/{service}": "get",
+    "/api/recovery/status": "get",
 }
 # Operations whose POST is the whole request: nothing to send.
 BODYLESS_POSTS = {
@@ -35,6 +44,7 @@ BODYLESS_POSTS = {
     "/api/jobs/{id}/cancel",
     "/api/security/test",
     "/api/security/reset",
+    "/api/recovery/circuit-breaker/{service}/reset",
 }
 PUBLIC_OPERATIONS = {"/api/security/auth/login", "/api/security/auth/refresh"}
 HTTP_METHODS = {"get", "put", "patch", "post", "delete", "head", "options", "trace"}
