@@ -131,6 +131,12 @@ def main() -> None:
     parser.add_argument("--io-calls", type=int, default=25)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/5")
+    parser.add_argument(
+        "--kill-runs",
+        type=int,
+        default=3,
+        help="Runs of the kill drill (bench/recovery_detection.py) at the end; 0 to skip.",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         db = str(Path(tmp) / "bench.sqlite3")
@@ -164,6 +170,19 @@ def main() -> None:
         print("pybreaker: not installed (pip install pybreaker to measure it here)")
     else:
         print(f"pybreaker, 8 threads x 10 ms through one breaker: {reference:.2f}x")
+    if args.kill_runs:
+        # The third figure in the same run: detection and recovery of a killed service.
+        print("kill drill: seconds from SIGKILL to down + breaker open, and to up + closed:")
+        sys.stdout.flush()
+        subprocess.run(
+            [
+                sys.executable,
+                str(Path(__file__).with_name("recovery_detection.py")),
+                "--runs",
+                str(args.kill_runs),
+            ],
+            check=True,
+        )
 
 
 if __name__ == "__main__":

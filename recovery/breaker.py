@@ -685,6 +685,8 @@ class CircuitBreaker:
                 _mirror(self.name, view)
         except Exception:
             log.exception("circuit breaker %s: could not mirror its state", self.name)
+        if view.state is OPEN and settings.ENABLE_SELF_HEALING:
+            _heal_on_open(self.name)
 
     def _store_failed(self, exc: Exception) -> None:
         if time.monotonic() >= self._store_down_until:
@@ -695,6 +697,32 @@ class CircuitBreaker:
     def _publish_pending(self) -> None:
         if self._calls:
             self._sync(force=True)
+
+
+def _heal_on_open(name: str) -> None:
+    """The breaker of a monitored service opened on its calls' failure or slow rate (only the
+    process whose counts tipped it gets here): start the service's self-healing.
+
+    In a thread of its own: the caller may be anywhere (inside a transaction, a probe's thread),
+    and the guardrails (one heal at a time, attempts per window) are the healing module's.
+    """
+
+    def run() -> None:
+        from django.db import connections
+
+        try:
+            from recovery.healing import maybe_heal
+            from recovery.models import Service
+
+            service = Service.objects.filter(name=name).first()
+            if service is not None:
+                maybe_heal(service=service, trigger="breaker_open")
+        except Exception:
+            log.exception("circuit breaker %s opened: could not start self-healing", name)
+        finally:
+            connections.close_all()
+
+    threading.Thread(target=run, name=f"heal-on-open:{name}", daemon=True).start()
 
 
 # --- The registry and the manual operations ---------------------------------------------------

@@ -324,3 +324,40 @@ def test_the_reset_endpoint_needs_the_heal_permission(security_officer, anon_api
     )
     assert anon_api.post("/api/recovery/circuit-breaker/guarded/reset").status_code == 401
     assert breaker.get("guarded").snapshot()["state"] == "open"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_breaker_opened_by_its_failure_rate_starts_the_services_self_healing(
+    backend, name, monkeypatch
+):
+    from bridge import jobs
+    from recovery.models import HealOperation, Service
+
+    # the heal stays pending (no worker runs it): what counts is that it was started
+    monkeypatch.setattr(jobs, "_enqueue", lambda job, spec: None)
+    Service.objects.create(
+        name=name, kind="tcp", target="127.0.0.1:9", heal_strategies=["reconnect"], status="up"
+    )
+    # when its callers' failures open the breaker (no monitor involved)
+    b = breaker.get(name)
+    _calls(b, failed=5)
+    assert b.snapshot()["state"] == "open"
+    # then a heal of that service starts, saying why
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if HealOperation.objects.filter(service__name=name).exists():
+            break
+        time.sleep(0.05)
+    operation = HealOperation.objects.get(service__name=name)
+    assert (operation.trigger, operation.outcome) == ("breaker_open", "pending")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_breaker_of_no_service_opens_without_healing_anything(backend, name, settings):
+    from recovery.models import HealOperation
+
+    b = breaker.get(name)
+    _calls(b, failed=5)
+    assert b.snapshot()["state"] == "open"
+    time.sleep(0.3)
+    assert not HealOperation.objects.exists()
