@@ -217,6 +217,12 @@ def sidebar_navigation(request: HttpRequest) -> list[dict[str, Any]]:
                     "admin:recovery_alert_changelist",
                     can("recovery.view_alert"),
                 ),
+                _item(
+                    "Heal operations",
+                    "healing",
+                    "admin:recovery_healoperation_changelist",
+                    can("recovery.view_healoperation"),
+                ),
                 _item("Jobs", "pending_actions", "admin:bridge_job_changelist", can_see_jobs),
                 _item(
                     "Periodic tasks",
