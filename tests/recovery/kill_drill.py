@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ def wait_listening(port: int, limit: float = 10.0) -> None:
     raise TimeoutError(f"nothing listens on {port}")
 
 
-class Target:
+class Target(ABC):
     """A server the drill owns: started, killed, restarted by an allow-listed argv."""
 
     kind = ""
@@ -80,14 +81,14 @@ class Target:
         except (FileNotFoundError, ValueError):
             return None
 
-    def first_argv(self) -> list[str]:
-        raise NotImplementedError
+    @abstractmethod
+    def first_argv(self) -> list[str]: ...
 
-    def restart_argv(self) -> list[str]:
-        raise NotImplementedError
+    @abstractmethod
+    def restart_argv(self) -> list[str]: ...
 
-    def service_fields(self) -> dict[str, Any]:
-        raise NotImplementedError
+    @abstractmethod
+    def service_fields(self) -> dict[str, Any]: ...
 
 
 def _kill(pid: int) -> None:
