@@ -191,6 +191,29 @@ def sidebar_navigation(request: HttpRequest) -> list[dict[str, Any]]:
             ],
         },
         {
+            "title": "Backups",
+            "items": [
+                _item(
+                    "Backups",
+                    "backup",
+                    "admin:backups_backup_changelist",
+                    can("backups.view_backup"),
+                ),
+                _item(
+                    "Restores and drills",
+                    "settings_backup_restore",
+                    "admin:backups_restorejob_changelist",
+                    can("backups.view_restorejob"),
+                ),
+                _item(
+                    "Archived WAL",
+                    "history",
+                    "admin:backups_walsegment_changelist",
+                    can("backups.view_walsegment"),
+                ),
+            ],
+        },
+        {
             "title": "Recovery & platform",
             "items": [
                 _item(

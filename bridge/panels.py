@@ -64,6 +64,8 @@ class Chart:
     title: str
     bars: Sequence[Bar]
     label_every: int = 3
+    # The line beside the title; empty: "N in all, peak M an hour" (charts of events per hour).
+    summary: str = ""
 
     # The SVG's own coordinate system; it scales to the panel's width.
     WIDTH = 480

@@ -32,6 +32,12 @@ ROLE_PERMISSIONS: dict[Role, tuple[str, ...]] = {
         "recovery.delete_service",
         "recovery.check_service",
         "recovery.heal_service",
+        "backups.view_*",
+        "backups.run_backup",
+        "backups.verify_backup",
+        "backups.restore_backup",
+        "backups.cleanup_backups",
+        "backups.delete_backup",
         "compliance.log_custom_event",
     ),
     Role.SECURITY_OFFICER: (
@@ -58,6 +64,10 @@ ROLE_PERMISSIONS: dict[Role, tuple[str, ...]] = {
         # Auditors read the threat picture (GET /api/security/threats, the dashboard panel,
         # the event list); acting on it (bans, sessions) stays with security officers.
         "security.view_threatevent",
+        # Backup evidence (backups, copies, drills) for audits; starting or restoring is not theirs.
+        "backups.view_backup",
+        "backups.view_backupcopy",
+        "backups.view_restorejob",
         "compliance.log_custom_event",
         "compliance.verify_chain",
         "compliance.cancel_verification",

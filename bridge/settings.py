@@ -304,6 +304,16 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    # Fields named kind and status hold different choice sets in different areas.
+    "ENUM_NAME_OVERRIDES": {
+        "BackupKindEnum": "backups.choices.BackupKind",
+        "BackupStatusEnum": "backups.choices.BackupStatus",
+        "RestoreKindEnum": "backups.choices.RestoreKind",
+        "RestoreStatusEnum": "backups.choices.RestoreStatus",
+        # recovery's kind field documents its values only (no labels): named by them.
+        "ServiceKindEnum": ["postgres", "redis", "rabbitmq", "celery", "http", "tcp"],
+        "JobStatusEnum": "bridge.choices.JobStatus",
+    },
     # Every refusal an operation can give is documented (401, 403, 400, 404, 500, 503...),
     # not only those a view names: the schema fuzz test holds every response to it.
     "POSTPROCESSING_HOOKS": [
@@ -463,6 +473,76 @@ AUDIT_CHECKPOINT_DIR = Path(env_str("AUDIT_CHECKPOINT_DIR", str(VAR_DIR / "audit
 # {"offsite": {"BACKEND": "storages.backends.s3.S3Storage", "OPTIONS": {...}}} (or _FILE).
 AUDIT_CHECKPOINT_STORAGES = env_json("AUDIT_CHECKPOINT_STORAGES", {})
 
+# --- Backups and disaster recovery (backups/) -------------------------------------------------
+# Pipeline: source -> zstd -> AES-256-GCM in framed chunks, a random data key per backup
+# wrapped under the security app's master key (backups/stream.py).
+ENABLE_BACKUP_COMPRESSION = env_bool("ENABLE_BACKUP_COMPRESSION", True)
+BACKUP_COMPRESSION_LEVEL = env_int("BACKUP_COMPRESSION_LEVEL", 3, minimum=1)
+if BACKUP_COMPRESSION_LEVEL > 22:
+    raise ImproperlyConfigured("BACKUP_COMPRESSION_LEVEL: zstd levels go from 1 to 22")
+ENABLE_BACKUP_ENCRYPTION = env_bool("ENABLE_BACKUP_ENCRYPTION", True)
+if not ENABLE_BACKUP_ENCRYPTION and not DEBUG:
+    raise ImproperlyConfigured(
+        "ENABLE_BACKUP_ENCRYPTION=false is allowed only with DEBUG on: backups hold every "
+        "secret and personal record Bridge keeps"
+    )
+BACKUP_CHUNK_SIZE = env_int("BACKUP_CHUNK_SIZE", 1024 * 1024, minimum=4096)
+# Retention: nothing younger than BACKUP_RETENTION_DAYS is deleted, and beyond it the newest
+# backup of each of the last KEEP_DAILY days, KEEP_WEEKLY weeks and KEEP_MONTHLY months stays.
+BACKUP_RETENTION_DAYS = env_int("BACKUP_RETENTION_DAYS", 30, minimum=1)
+BACKUP_KEEP_DAILY = env_int("BACKUP_KEEP_DAILY", 7, minimum=0)
+BACKUP_KEEP_WEEKLY = env_int("BACKUP_KEEP_WEEKLY", 4, minimum=0)
+BACKUP_KEEP_MONTHLY = env_int("BACKUP_KEEP_MONTHLY", 12, minimum=0)
+# Backups pending or running at once; another start is refused (409 backups_busy) meanwhile.
+BACKUP_MAX_CONCURRENT = env_int("BACKUP_MAX_CONCURRENT", 2, minimum=1)
+# The recovery point objective: the newest successful backup older than this is a problem.
+BACKUP_RPO = env_duration("BACKUP_RPO", "24h")
+# Targets: name -> {"backend": a django-storages (or Django) storage class, "options": its
+# keyword arguments, "media": what it is stored on, "offsite": bool, "secret": the name of a
+# StoredSecret holding its password (never in the environment)}. The default is two local
+# directories on different paths; BACKUP_EXTRA_TARGETS adds (e.g. an offsite SFTP server),
+# BACKUP_TARGETS replaces.
+BACKUP_DIR = Path(env_str("BACKUP_DIR") or VAR_DIR / "backups")
+BACKUP_MIRROR_DIR = Path(env_str("BACKUP_MIRROR_DIR") or VAR_DIR / "backups-mirror")
+_FS_STORAGE = "django.core.files.storage.FileSystemStorage"
+BACKUP_TARGETS = env_json(
+    "BACKUP_TARGETS",
+    {
+        "local": {
+            "backend": _FS_STORAGE,
+            "options": {"location": str(BACKUP_DIR)},
+            "media": "disk",
+            "offsite": False,
+        },
+        "local-mirror": {
+            "backend": _FS_STORAGE,
+            "options": {"location": str(BACKUP_MIRROR_DIR)},
+            "media": "disk",
+            "offsite": False,
+        },
+    },
+)
+BACKUP_TARGETS.update(env_json("BACKUP_EXTRA_TARGETS", {}))
+# PostgreSQL databases of the service stack backed up beside Bridge's own (URLs).
+BACKUP_DATABASES = env_list("BACKUP_DATABASES")
+BACKUP_CONFIG_PATHS = env_list("BACKUP_CONFIG_PATHS")
+# The Redis database the `redis` component snapshots (default: REDIS_URL's).
+BACKUP_REDIS_URL = env_str("BACKUP_REDIS_URL") or REDIS_URL
+MEDIA_ROOT = Path(env_str("MEDIA_ROOT") or VAR_DIR / "media")
+MEDIA_URL = "media/"
+# Point in time: the PostgreSQL server whose WAL `manage.py archive_wal` archives (a URL whose
+# user may connect for replication); empty: point-in-time restores to a time are unavailable.
+BACKUP_PITR_DATABASE = env_str("BACKUP_PITR_DATABASE")
+# A point-in-time replay runs a private postmaster as this OS user (when Bridge runs as root:
+# PostgreSQL refuses root), whose restore_command runs `manage.py fetch_wal` with this Python.
+BACKUP_PITR_OS_USER = env_str("BACKUP_PITR_OS_USER", "postgres")
+BACKUP_PITR_PYTHON = env_str("BACKUP_PITR_PYTHON")
+# A live database restore waits this long for a table lock held by live traffic, then is
+# refused with nothing changed (rather than hang, or stall the traffic behind its lock).
+BACKUP_RESTORE_LOCK_TIMEOUT = env_duration("BACKUP_RESTORE_LOCK_TIMEOUT", "5s")
+# Restore drills and PITR replays work here (scratch databases are made on the server itself).
+BACKUP_SCRATCH_DIR = Path(env_str("BACKUP_SCRATCH_DIR") or VAR_DIR / "restore-scratch")
+
 # --- Jobs -------------------------------------------------------------------------------
 # A running job reports progress (its heartbeat) at least this often, or the reaper fails it as
 # lost with its worker; a pending job no worker took within the second limit fails likewise.
@@ -545,6 +625,25 @@ CELERY_BEAT_SCHEDULE = {
         "task": "recovery.tasks.run_health_checks_task",
         "schedule": float(HEALTH_CHECK_INTERVAL),
         "options": {"expire_seconds": HEALTH_CHECK_INTERVAL},
+    },
+    # Backups (backups/tasks.py): a daily full, hourly incrementals on it, the retention
+    # policy daily and a restore drill weekly; all four are editable in the console.
+    "backup-full-daily": {
+        "task": "backups.tasks.scheduled_backup_task",
+        "schedule": 86400.0,
+        "kwargs": {"kind": "full"},
+    },
+    "backup-incremental-hourly": {
+        "task": "backups.tasks.scheduled_backup_task",
+        "schedule": 3600.0,
+        "kwargs": {"kind": "incremental"},
+    },
+    "backup-cleanup-daily": {"task": "backups.tasks.cleanup_task", "schedule": 86400.0},
+    "backup-drill-weekly": {"task": "backups.tasks.scheduled_drill_task", "schedule": 604800.0},
+    "backup-reap": {
+        "task": "backups.tasks.reap_task",
+        "schedule": 60.0,
+        "options": {"expire_seconds": 60},
     },
     "reap-stale-jobs": {
         "task": "bridge.tasks.reap_stale_jobs_task",

@@ -38,6 +38,7 @@ urlpatterns = [
     path("api/security/", include("security.api.urls")),
     path("api/compliance/", include("compliance.api.urls")),
     path("api/recovery/", include("recovery.api.urls")),
+    path("api/backup/", include("backups.api.urls")),
     path("api/", include("bridge.api_urls")),
     # Anything else under /api/ is a JSON 404 in every mode (DEBUG's HTML page included).
     re_path(r"^api/", api_not_found),

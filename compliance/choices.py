@@ -61,6 +61,17 @@ class AuditAction(models.TextChoices):
     SERVICE_UPDATED = "recovery.service.updated", "Monitored service changed"
     SERVICE_DELETED = "recovery.service.deleted", "Monitored service removed"
     SERVICE_CHECKED = "recovery.service.checked", "Service checked by hand"
+    BACKUP_REQUESTED = "backup.requested", "Backup started"
+    BACKUP_SUCCEEDED = "backup.succeeded", "Backup succeeded"
+    BACKUP_FAILED = "backup.failed", "Backup failed"
+    BACKUP_DELETED = "backup.deleted", "Backup deleted"
+    BACKUP_RULE_321_VIOLATED = "backup.rule_321_violated", "Backup breaks the 3-2-1 rule"
+    BACKUP_RESTORE_REQUESTED = "backup.restore.requested", "Restore started"
+    BACKUP_RESTORED = "backup.restore.succeeded", "Restore succeeded"
+    BACKUP_RESTORE_FAILED = "backup.restore.failed", "Restore failed or refused"
+    BACKUP_DRILL = "backup.drill", "Restore drill run"
+    BACKUP_CLEANUP = "backup.cleanup", "Backup retention applied"
+    WAL_ARCHIVED = "backup.wal_archived", "WAL segment archived"
 
 
 CUSTOM_ACTION_PREFIX = "custom."

@@ -144,6 +144,25 @@ def wrap(*, key_id: str, purpose: str, subject_id: str, key: bytes) -> tuple[str
     return master_id, base64.b64encode(nonce + sealed).decode()
 
 
+def unwrap(
+    *, key_id: str, purpose: str, subject_id: str, master_key_id: str, wrapped: str
+) -> bytes:
+    """A key that `wrap` wrapped and that its owner keeps itself (a backup's data key, in the
+    catalog and in each artifact's header): unwrapped under whichever known master key it names.
+    """
+    master = master_keys().get(master_key_id)
+    if master is None:
+        raise CryptoError(
+            f"the key {key_id} is wrapped by master key {master_key_id}, which this process does "
+            "not have (BRIDGE_MASTER_KEY or BRIDGE_MASTER_KEY_PREVIOUS)"
+        )
+    try:
+        blob = base64.b64decode(wrapped, validate=True)
+        return AESGCM(master).decrypt(blob[:12], blob[12:], _key_aad(key_id, purpose, subject_id))
+    except (InvalidTag, ValueError) as exc:
+        raise CryptoError(f"the key {key_id} does not unwrap (altered, or another key)") from exc
+
+
 # Unwrapped purpose keys, per process, for DATA_KEY_CACHE_SECONDS: the database round trip and
 # the unwrap would otherwise cost more than encrypting a megabyte. Subject keys are never cached:
 # shredding one must stop every process at once, so each use reads its row.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -28,6 +29,9 @@ os.environ.setdefault("BRIDGE_FAST_PASSWORD_HASHER", "1")
 # a password); in-process the `_no_required_otp` fixture does the same, and the two-factor
 # tests (tests/security/test_totp.py) switch the production default back on.
 os.environ.setdefault("OTP_REQUIRED_ROLES", "")
+
+# The sftp_target fixture (a real OpenSSH server on loopback), for every backup test.
+pytest_plugins = ["tests.backups.sftp"]
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "Correct-Horse-Battery-42"
@@ -238,6 +242,34 @@ def checkpoint_dir(settings, tmp_path, _test_signing_key_file) -> Path:
     settings.AUDIT_SIGNING_KEY_FILE = _test_signing_key_file
     settings.AUDIT_CHECKPOINT_DIR = tmp_path / "checkpoints"
     return settings.AUDIT_CHECKPOINT_DIR
+
+
+@pytest.fixture(autouse=True)
+def _backup_places(settings, tmp_path_factory) -> None:
+    """Backups in tests write only to directories of their own, never var/, and snapshot a
+    Redis database no other part of Bridge uses (db 13), never the shared one."""
+    root = tmp_path_factory.mktemp("backups")
+    settings.BACKUP_TARGETS = {
+        "local": {
+            "backend": "django.core.files.storage.FileSystemStorage",
+            "options": {"location": str(root / "primary")},
+            "media": "disk",
+            "offsite": False,
+        },
+        "local-mirror": {
+            "backend": "django.core.files.storage.FileSystemStorage",
+            "options": {"location": str(root / "mirror")},
+            "media": "disk",
+            "offsite": False,
+        },
+    }
+    settings.MEDIA_ROOT = root / "media"
+    settings.BACKUP_SCRATCH_DIR = root / "scratch"
+    settings.BACKUP_CONFIG_PATHS = []
+    settings.BACKUP_DATABASES = []
+    settings.BACKUP_PITR_DATABASE = ""
+    redis_url = os.environ.get("REDIS_URL", "")
+    settings.BACKUP_REDIS_URL = re.sub(r"(/\d*)?$", "/13", redis_url, count=1) if redis_url else ""
 
 
 @pytest.fixture(autouse=True)

@@ -36,6 +36,16 @@ EXPECTED_PATHS = {
     "/api/recovery/services/{service}": "patch",
     "/api/recovery/health/{service}": "get",
     "/api/recovery/status": "get",
+    "/api/backup/status": "get",
+    "/api/backup/full": "post",
+    "/api/backup/incremental": "post",
+    "/api/backup/point-in-time": "post",
+    "/api/backup/list": "get",
+    "/api/backup/{backup_id}": "delete",
+    "/api/backup/restore/{backup_id}": "post",
+    "/api/backup/test": "post",
+    "/api/backup/cleanup": "post",
+    "/api/backup/restores/{id}": "get",
 }
 # Operations whose POST is the whole request: nothing to send.
 BODYLESS_POSTS = {

@@ -515,3 +515,57 @@ def test_the_threats_panel_and_the_keys_pages_show_their_state_at_1366_px(
 
     assert_png(threats_shot)
     assert_png(keys_shot)
+
+
+def test_the_backups_panel_and_list_show_age_rule_drill_and_copies_at_1366_px(
+    chromium, live_server, settings
+):
+    from pathlib import Path
+
+    from backups import services
+    from backups.models import Backup
+    from bridge.jobs import run_job
+
+    # given a few real backups of some files and a drill
+    make_user("root", superuser=True)
+    media = Path(settings.MEDIA_ROOT)
+    media.mkdir(parents=True, exist_ok=True)
+    for n in range(4):
+        (media / f"file-{n}.bin").write_bytes(bytes(range(256)) * (200 * (n + 1)))
+        backup = services.start_backup(
+            kind="full" if n == 0 else "incremental",
+            context=AuditContext.system(),
+            components=["uploads", "config"],
+            enqueue=False,
+        )
+        run_job(backup.job_id, services.run_backup_job)
+    drill = services.start_drill(context=AuditContext.system(), enqueue=False)
+    run_job(drill.job_id, services.run_restore_job)
+    assert Backup.objects.filter(status="succeeded").count() == 4
+
+    with console_page(chromium) as page:
+        log_in(page, live_server.url, "root", PASSWORD)
+        expect(page).to_have_url(f"{live_server.url}/admin/")
+        panel = page.locator("#panel-backups")
+        # then the panel says the newest backup is fresh, 3-2-1 violated (no offsite), drill ok
+        figures = figures_of(page, "#panel-backups")
+        assert figures["3-2-1"] == "violated", figures
+        assert figures["last drill"] == "passed", figures
+        expect(panel.locator("svg").first).to_be_visible()
+        panel.scroll_into_view_if_needed()
+        panel_shot = screenshot(page, "console-backups-panel.png")
+        # and the list shows coloured status, sizes and the 3-2-1 state, fitting the screen
+        page.goto(f"{live_server.url}/admin/backups/backup/")
+        expect(page.locator("#result_list")).to_contain_text("Succeeded")
+        expect(page.locator("#result_list")).to_contain_text("violated")
+        list_shot = screenshot(page, "console-backups.png")
+        for url in (
+            "/admin/backups/backup/",
+            "/admin/backups/restorejob/",
+            "/admin/backups/walsegment/",
+        ):
+            page.goto(f"{live_server.url}{url}")
+            widths = no_horizontal_overflow(page)
+            assert widths["page"] <= SCREEN["width"], (url, widths)
+            assert widths["table"] <= widths["room"], (url, widths)
+    assert panel_shot.stat().st_size > 10_000 and list_shot.stat().st_size > 10_000

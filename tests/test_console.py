@@ -83,13 +83,15 @@ def test_a_compliance_officer_sees_the_compliance_panel_but_not_the_security_one
     for figure in SECURITY_FIGURES:
         assert figure not in page
     # verifications are jobs this role may see, so the platform panel is there too; auditors
-    # read the threat picture
+    # read the threat picture and the backup evidence
     assert shown_keys(client) == {
         "compliance",
         "compliance-checkpoints",
         "recovery",
         "platform",
         "threats",
+        "backups",
+        "backup-durations",
     }
 
 
