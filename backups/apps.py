@@ -6,8 +6,14 @@ class BackupsConfig(AppConfig):
     verbose_name = "Backups"
 
     def ready(self) -> None:
-        from backups import services, tasks  # noqa: F401  (registers the job kinds everywhere)
+        # Importing tasks registers the job kinds in every process.
+        from backups import services, targets, tasks  # noqa: F401
+        from recovery import monitor
         from security import rotation
+
+        # Remote targets are probed by the recovery monitor: their health and breaker show
+        # in /api/recovery/status beside the retries of their uploads.
+        monitor.register_builtin_provider(targets.monitored_services)
 
         # Backups keep their data keys in their own rows: rotate_keys re-wraps them too.
         if services.rewrap_keys not in rotation.REWRAP_HOOKS:

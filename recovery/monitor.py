@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -449,6 +450,21 @@ def overall_status(statuses: list[tuple[str, bool]]) -> str:
 # --- Bridge's own services ------------------------------------------------------------------
 
 
+# Other apps' services that Bridge itself depends on (backups' remote targets): each provider
+# returns name -> (kind, target) under the live settings. Registered from AppConfig.ready; the
+# services are probed like the built-in ones but are not critical (a backup target being down
+# puts no request at risk, yet its breaker and health show in the recovery status).
+BUILTIN_PROVIDERS: list[Callable[[], dict[str, tuple[str, str]]]] = []
+
+
+def register_builtin_provider(
+    provider: Callable[[], dict[str, tuple[str, str]]],
+) -> Callable[[], dict[str, tuple[str, str]]]:
+    if provider not in BUILTIN_PROVIDERS:
+        BUILTIN_PROVIDERS.append(provider)
+    return provider
+
+
 def _builtin_specs() -> dict[str, tuple[str, str]]:
     """name -> (kind, target) of Bridge's own services under the live settings; targets are
     where they live, never how to log in (the probe reads the credentials from settings)."""
@@ -468,7 +484,16 @@ def _builtin_specs() -> dict[str, tuple[str, str]]:
     if settings.REDIS_URL:
         specs[BUILTIN_REDIS] = (ServiceKind.REDIS, _redis_target(settings.REDIS_URL))
     specs[BUILTIN_WORKERS] = (ServiceKind.CELERY, ",".join(probes.builtin_queues()))
+    for provider in BUILTIN_PROVIDERS:
+        try:
+            for name, spec in provider().items():
+                specs.setdefault(name, spec)
+        except Exception:
+            log.exception("built-in service provider %s failed", provider)
     return specs
+
+
+_CORE_SERVICES = {BUILTIN_DATABASE, BUILTIN_BROKER, BUILTIN_REDIS, BUILTIN_WORKERS}
 
 
 def _redis_target(url: str) -> str:
@@ -495,7 +520,13 @@ def ensure_builtin_services() -> None:
         try:
             with transaction.atomic():
                 service, created = Service.objects.get_or_create(
-                    name=name, defaults={"kind": kind, "target": target, "builtin": True}
+                    name=name,
+                    defaults={
+                        "kind": kind,
+                        "target": target,
+                        "builtin": True,
+                        "critical": name in _CORE_SERVICES,
+                    },
                 )
                 if not created:
                     Service.objects.filter(pk=service.pk).update(

@@ -548,6 +548,8 @@ def test_the_backups_panel_and_list_show_age_rule_drill_and_copies_at_1366_px(
         expect(page).to_have_url(f"{live_server.url}/admin/")
         panel = page.locator("#panel-backups")
         # then the panel says the newest backup is fresh, 3-2-1 violated (no offsite), drill ok
+        expect(panel).to_contain_text("newest backup age")
+        expect(panel).to_contain_text("last drill")
         figures = figures_of(page, "#panel-backups")
         assert figures["3-2-1"] == "violated", figures
         assert figures["last drill"] == "passed", figures

@@ -336,3 +336,34 @@ def test_env_duration_names_the_variable_when_it_is_malformed(monkeypatch):
 def test_env_duration_falls_back_to_its_default(monkeypatch):
     monkeypatch.delenv("SOME_TIMEOUT", raising=False)
     assert env_duration("SOME_TIMEOUT", "15m") == timedelta(minutes=15)
+
+
+def test_backups_without_encryption_are_refused_unless_debug_is_on(tmp_path):
+    production = load_settings(
+        tmp_path,
+        DEBUG="false",
+        SECRET_KEY=GOOD_KEY,
+        ALLOWED_HOSTS="bridge.example.org",
+        ENABLE_BACKUP_ENCRYPTION="false",
+    )
+    assert production.returncode != 0
+    assert "ENABLE_BACKUP_ENCRYPTION=false is allowed only with DEBUG on" in production.stderr
+    development = load_settings(
+        tmp_path, show="ENABLE_BACKUP_ENCRYPTION", ENABLE_BACKUP_ENCRYPTION="false"
+    )
+    assert development.returncode == 0, development.stderr
+    assert development.stdout.strip() == "False"
+
+
+def test_backup_targets_default_to_two_local_directories_and_extra_ones_add(tmp_path):
+    import json
+
+    result = load_settings(
+        tmp_path,
+        show="BACKUP_TARGETS",
+        BACKUP_EXTRA_TARGETS=json.dumps({"offsite": {"backend": "x", "offsite": True}}),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "'local'" in result.stdout and "'local-mirror'" in result.stdout
+    assert "'offsite'" in result.stdout
+    assert str(tmp_path / "backups-mirror") in result.stdout

@@ -482,3 +482,21 @@ def test_parallel_starts_beyond_the_limit_are_refused_not_piled_up(settings, med
         thread.join()
     assert sorted(outcomes) == ["backups_busy"] * 4 + ["started"] * 2
     assert Backup.objects.filter(status=BackupStatus.PENDING).count() == 2
+
+
+def test_an_offsite_target_is_a_monitored_non_critical_service(settings, sftp_target):
+    from recovery import monitor
+    from recovery.models import Service
+
+    settings.BACKUP_TARGETS = {**settings.BACKUP_TARGETS, "offsite": sftp_target.spec()}
+    monitor.ensure_builtin_services()
+    service = Service.objects.get(name="backup-target-offsite")
+    assert service.builtin and not service.critical
+    assert service.target.endswith(f":{sftp_target.port}")
+    assert Service.objects.get(name="bridge-workers").critical
+    # Taken out of the configuration, it is no longer monitored.
+    settings.BACKUP_TARGETS = {
+        name: spec for name, spec in settings.BACKUP_TARGETS.items() if name != "offsite"
+    }
+    monitor.ensure_builtin_services()
+    assert not Service.objects.filter(name="backup-target-offsite").exists()
