@@ -270,6 +270,11 @@ class BackupAdmin(ReadOnlyAdmin):
         available = services._restorable_components(backup)
         if request.POST.get("confirm") == "yes":
             chosen = [name for name in request.POST.getlist("components") if name in available]
+            if not chosen:
+                self.message_user(
+                    request, "Nothing restored: no component was ticked.", messages.ERROR
+                )
+                return None
             try:
                 restore = services.start_restore(
                     backup=backup,
@@ -402,6 +407,8 @@ class RestoreJobAdmin(ReadOnlyAdmin):
 
     @admin.display(description="backup")
     def backup_link(self, restore: RestoreJob) -> str:
+        if restore.backup_id is None:
+            return f"{restore.backup_ref[:8]} (deleted)"
         url = reverse("admin:backups_backup_change", args=[restore.backup_id])
         return format_html('<a href="{}">{}</a>', url, str(restore.backup_id)[:8])
 

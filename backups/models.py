@@ -126,7 +126,12 @@ class BackupCopy(models.Model):
 class RestoreJob(models.Model):
     """A restore or a restore drill, on the shared job rows (progress, heartbeat, reaper)."""
 
-    backup = models.ForeignKey(Backup, on_delete=models.PROTECT, related_name="restores")
+    # Restores and drills outlive the backup (retention deletes backups; the record that a
+    # restore or drill happened is evidence): the id stays in `backup_ref`.
+    backup = models.ForeignKey(
+        Backup, null=True, blank=True, on_delete=models.SET_NULL, related_name="restores"
+    )
+    backup_ref = models.CharField(max_length=36, blank=True)
     kind = models.CharField(max_length=16, choices=RestoreKind.choices, db_index=True)
     status = models.CharField(
         max_length=16, choices=RestoreStatus.choices, default=RestoreStatus.PENDING, db_index=True

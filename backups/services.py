@@ -16,15 +16,17 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from backups import stream
@@ -170,14 +172,35 @@ def start_backup(
     return backup
 
 
-def _refuse_when_busy() -> None:
-    """Inside the starting transaction: serialise starts (PostgreSQL: an advisory lock; SQLite
-    serialises writers itself), then count the backups in progress."""
+def _catalog_lock() -> None:
+    """Inside a transaction: serialise what changes which backups exist or are in use (starting
+    a backup, a restore or a drill; retention deleting). PostgreSQL: an advisory lock held to
+    the end of the transaction; SQLite serialises writers itself."""
     from django.db import connection
 
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_xact_lock(hashtext('bridge.backups.start'))")
+            cursor.execute("SELECT pg_advisory_xact_lock(hashtext('bridge.backups.catalog'))")
+
+
+def _live_restores() -> QuerySet[RestoreJob]:
+    return RestoreJob.objects.filter(
+        kind=RestoreKind.RESTORE,
+        dry_run=False,
+        status__in=[RestoreStatus.PENDING, RestoreStatus.RUNNING],
+    )
+
+
+def _refuse_when_busy() -> None:
+    """Inside the starting transaction, under the catalog lock: count what is in progress."""
+    _catalog_lock()
+    restoring = _live_restores().first()
+    if restoring is not None:
+        raise BackupRefused(
+            f"Restore {restoring.pk} is overwriting live data: a backup now would record a "
+            "half-restored system. Try again when it has finished.",
+            "restore_in_progress",
+        )
     busy = Backup.objects.filter(status__in=[BackupStatus.PENDING, BackupStatus.RUNNING]).count()
     if busy >= settings.BACKUP_MAX_CONCURRENT:
         raise BackupRefused(
@@ -204,6 +227,12 @@ class _Meter:
         if self.progress is not None:
             total = self.total if self.total and self.total >= self.done else None
             self.progress.update(self.done, total, self.message)
+
+    def uploaded(self, count: int) -> None:
+        """Bytes sent to a remote target: not source bytes, but proof of life (and a cancel
+        request is seen)."""
+        if self.progress is not None:
+            self.progress.update(self.done, self.total, self.message)
 
     def stage(self, message: str) -> None:
         self.message = message[:200]
@@ -237,6 +266,37 @@ def _estimate(components: list[str]) -> int | None:
     return total or None
 
 
+@contextmanager
+def _heartbeat(job: Job) -> Iterator[None]:
+    """Beat the job's heartbeat from a thread while the work runs: some steps cannot report
+    progress (an upload through retries, a safety backup run as its own job, a restore applied
+    in one transaction), and a live worker's job must never be reaped as dead. A killed worker
+    takes the thread with it, so the reaper still finds its job."""
+    from django.db import connection as thread_connection
+
+    stop = threading.Event()
+    interval = max(0.2, settings.JOB_HEARTBEAT_TIMEOUT / 4)
+
+    def beat() -> None:
+        try:
+            while not stop.wait(interval):
+                Job.objects.filter(pk=job.pk, status=JobStatus.RUNNING).update(
+                    heartbeat_at=timezone.now()
+                )
+        except Exception:
+            log.exception("heartbeat of job %s failed", job.pk)
+        finally:
+            thread_connection.close()
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{job.pk}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=interval + 5)
+
+
 def run_backup_job(job: Job, progress: Progress) -> dict[str, Any]:
     """The backup job (backups/tasks.py): claim the backup row and make it."""
     backup_id = job.params["backup_id"]
@@ -251,7 +311,8 @@ def run_backup_job(job: Job, progress: Progress) -> dict[str, Any]:
         )
     backup = Backup.objects.get(pk=backup_id)
     try:
-        return perform_backup(backup, progress=progress)
+        with _heartbeat(job):
+            return perform_backup(backup, progress=progress)
     except BaseException as exc:
         _fail_backup(backup, exc)
         raise
@@ -293,7 +354,9 @@ def perform_backup(backup: Backup, *, progress: Progress | None = None) -> dict[
             ) -> dict:
                 return handler.backup(unit, out, parent=parent_units.get(unit.name), on_bytes=meter)
 
-            entries[unit.name] = _store_unit(backup, component, unit, write, key, all_targets)
+            entries[unit.name] = _store_unit(
+                backup, component, unit, write, key, all_targets, meter.uploaded
+            )
         if component == Component.DATABASE and backup.kind != BackupKind.INCREMENTAL:
             base = _pitr_base(backup, key, all_targets, meter)
             if base:
@@ -310,7 +373,23 @@ def perform_backup(backup: Backup, *, progress: Progress | None = None) -> dict[
         backup.status = BackupStatus.SUCCEEDED
         backup.finished_at = timezone.now()
         backup.error = ""
-        backup.save()
+        # Only from running: a backup the reaper failed meanwhile (its copies deleted) stays
+        # failed, whatever this worker finished.
+        finished = Backup.objects.filter(pk=backup.pk, status=BackupStatus.RUNNING).update(
+            manifest=backup.manifest,
+            raw_bytes=backup.raw_bytes,
+            stored_bytes=backup.stored_bytes,
+            rule_321=rule,
+            rule_321_ok=rule["ok"],
+            status=BackupStatus.SUCCEEDED,
+            finished_at=backup.finished_at,
+            error="",
+        )
+        if not finished:
+            raise ComponentError(
+                f"backup {backup.pk} was failed while it ran (its worker was presumed lost)",
+                "reaped",
+            )
         record_event(
             action=AuditAction.BACKUP_SUCCEEDED,
             context=AuditContext.system(),
@@ -378,7 +457,7 @@ def _pitr_base(
     def write(out: BinaryIO) -> dict:
         return pitr.base_backup(out, on_bytes=meter)
 
-    return _store_unit(backup, Component.DATABASE, unit, write, key, all_targets)
+    return _store_unit(backup, Component.DATABASE, unit, write, key, all_targets, meter.uploaded)
 
 
 def _store_unit(
@@ -388,6 +467,7 @@ def _store_unit(
     write: Callable[[BinaryIO], dict],
     key: stream.DataKey | None,
     all_targets: list,
+    on_upload: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """One unit -> one artifact, tee'd onto every local target at once, then uploaded to the
     remote ones from the first committed local copy. At least one copy must commit."""
@@ -445,7 +525,7 @@ def _store_unit(
                 _copy_failed(copy, ComponentError("no local copy to upload from"))
                 continue
             try:
-                target.put(source, location, sha256=info.sha256)
+                target.put(source, location, sha256=info.sha256, on_bytes=on_upload)
             except Exception as exc:
                 _copy_failed(copy, exc)
                 continue
@@ -523,13 +603,15 @@ def _mark_failed(backup: Backup, reason: str) -> bool:
 def _remove_copies(backup: Backup) -> int:
     removed = 0
     names = {target.name: target for target in target_registry.configured_targets()}
-    for copy in BackupCopy.objects.filter(artifact__backup=backup).exclude(
-        status=CopyStatus.DELETED
+    for copy in (
+        BackupCopy.objects.filter(artifact__backup=backup)
+        .exclude(status=CopyStatus.DELETED)
+        .select_related("artifact")
     ):
         target = names.get(copy.target)
         try:
             if target is not None:
-                target.delete(copy.location)
+                target.delete(_canonical(copy))
         except Exception as exc:
             log.error("could not delete %s on %s: %s", copy.location, copy.target, redact(str(exc)))
             continue
@@ -537,6 +619,22 @@ def _remove_copies(backup: Backup) -> int:
         copy.save(update_fields=["status"])
         removed += 1
     return removed
+
+
+def _canonical(copy: BackupCopy) -> str:
+    """Where a copy of this artifact must be: the catalog's location is used only when it is
+    that, so a location edited in the database cannot steer a deletion onto another backup."""
+    expected = f"{copy.artifact.backup_id}/{copy.artifact.name}"
+    if copy.location != expected:
+        log.error(
+            "copy %s on %s names %r, not its own place %r: the catalog was edited; deleting "
+            "only its own place",
+            copy.pk,
+            copy.target,
+            copy.location,
+            expected,
+        )
+    return expected
 
 
 def reap_backups() -> int:
@@ -672,7 +770,18 @@ def _good_copy(artifact: Artifact, key: stream.DataKey | None, meter: _Meter) ->
             continue
         try:
             with target.open(copy.location) as handle:
-                info = stream.verify_artifact(handle, name=artifact.name, key=key)
+                reader = stream.open_artifact(handle, name=artifact.name, key=key)
+                meta = reader.header.get("meta", {})
+                if meta.get("backup_id") != str(artifact.backup_id):
+                    # An authentic artifact of another backup, put here through the catalog.
+                    raise stream.ArtifactError(
+                        artifact.name,
+                        "tampered",
+                        f"it belongs to backup {meta.get('backup_id')}, not {artifact.backup_id}",
+                    )
+                while reader.read(1 << 20):
+                    pass
+                info = reader.info
         except stream.ArtifactError as exc:
             problems.append(f"{copy.target}: {exc.reason}: {exc}")
             continue
@@ -781,8 +890,27 @@ def _start(
     if target_time is not None:
         _check_target_time(backup, chosen, target_time)
     with transaction.atomic():
+        _catalog_lock()
+        if not Backup.objects.filter(pk=backup.pk, status=BackupStatus.SUCCEEDED).exists():
+            raise BackupRefused(f"Backup {backup.pk} is gone.", "not_restorable")
+        if kind == RestoreKind.RESTORE and not dry_run:
+            # One live restore at a time, and none while a backup reads the live system.
+            other = _live_restores().first()
+            if other is not None:
+                raise BackupRefused(
+                    f"Restore {other.pk} is already overwriting live data.", "restore_in_progress"
+                )
+            running = Backup.objects.filter(
+                status__in=[BackupStatus.PENDING, BackupStatus.RUNNING]
+            ).first()
+            if running is not None:
+                raise BackupRefused(
+                    f"Backup {running.pk} is {running.status}: restore when it has finished.",
+                    "backup_in_progress",
+                )
         restore = RestoreJob.objects.create(
             backup=backup,
+            backup_ref=str(backup.pk),
             kind=kind,
             components=chosen,
             target_time=target_time,
@@ -873,7 +1001,15 @@ def pitr_window() -> dict[str, datetime | None]:
     archived WAL."""
     from backups import pitr
 
-    window = pitr.wal_window()
+    # The server the newest base backup was taken of: another server's WAL (an old cluster
+    # before a migration) is no window of this one.
+    bases = _pitr_bases()
+    server = None
+    if bases:
+        units = bases[-1].manifest.get(Component.DATABASE, {}).get("units", {})
+        base = units.get(PITR_BASE_UNIT, {}).get("manifest", {})
+        server = str(base.get("system_identifier", "")) or None
+    window = pitr.wal_window(system_identifier=server)
     return {"from": window["base_from"], "until": window["wal_until"]}
 
 
@@ -888,10 +1024,11 @@ def run_restore_job(job: Job, progress: Progress) -> dict[str, Any]:
     started = time.monotonic()
     meter = _Meter(progress, restore.backup.stored_bytes * 2 or None)
     try:
-        if restore.kind == RestoreKind.DRILL:
-            result = _drill(restore, meter)
-        else:
-            result = _restore(restore, meter)
+        with _heartbeat(job):
+            if restore.kind == RestoreKind.DRILL:
+                result = _drill(restore, meter)
+            else:
+                result = _restore(restore, meter)
     except RestoreRefused as exc:
         _finish_restore(restore, RestoreStatus.REFUSED, error=str(exc), started=started)
         raise
@@ -925,7 +1062,7 @@ def _finish_restore(
 ) -> None:
     elapsed = round(time.monotonic() - started, 3)
     with transaction.atomic():
-        RestoreJob.objects.filter(pk=restore.pk).update(
+        RestoreJob.objects.filter(pk=restore.pk, status=RestoreStatus.RUNNING).update(
             status=status,
             result=result or {},
             error=error[:4000],
@@ -965,7 +1102,14 @@ def _plan(
     artifacts (full first). Every artifact is read back whole before this returns."""
     backup = restore.backup
     chain = chain_of(backup)
-    keys = {link.pk: data_key_of(link) for link in chain}
+    keys = {}
+    for link in chain:
+        try:
+            keys[link.pk] = data_key_of(link)
+        except stream.ArtifactError as exc:
+            raise ArtifactRefused(
+                f"the data key of backup {link.pk} does not unwrap: {exc.reason}: {exc}"
+            ) from exc
     plan = []
     for component in restore.components:
         handler = handler_for(component)
@@ -1199,26 +1343,33 @@ def plan_cleanup(now: datetime | None = None) -> dict[str, list[dict[str, Any]]]
 
 
 def _plan_wal(keep: list[dict[str, Any]]) -> dict[str, Any]:
-    """WAL older than the oldest kept base backup is not needed by any point-in-time restore."""
-    kept_ids = [row["id"] for row in keep]
-    oldest = (
-        Backup.objects.filter(pk__in=kept_ids, artifacts__name=PITR_BASE_UNIT)
-        .order_by("created_at")
-        .first()
-    )
-    if oldest is None:
-        return {"delete_before": None, "segments": 0, "reason": "no base backup kept: WAL kept"}
-    entry = oldest.manifest.get(Component.DATABASE, {}).get("units", {}).get(PITR_BASE_UNIT, {})
-    first_needed = str(entry.get("manifest", {}).get("start_wal_file", ""))
-    if not first_needed:
-        return {"delete_before": None, "segments": 0, "reason": "base backup names no WAL"}
-    # WAL names sort in order within a timeline; history files are kept.
-    old = WalSegment.objects.filter(name__lt=first_needed).exclude(name__endswith=".history")
+    """Per server (system identifier): WAL older than its oldest kept base backup is needed by
+    no point-in-time restore. A server with no kept base backup keeps all its WAL."""
+    firsts: dict[str, str] = {}
+    kept = Backup.objects.filter(
+        pk__in=[row["id"] for row in keep], artifacts__name=PITR_BASE_UNIT
+    ).distinct()
+    for backup in kept:
+        units = backup.manifest.get(Component.DATABASE, {}).get("units", {})
+        base = units.get(PITR_BASE_UNIT, {}).get("manifest", {})
+        server, first = str(base.get("system_identifier", "")), str(base.get("start_wal_file", ""))
+        if server and first:
+            firsts[server] = min(firsts.get(server, first), first)
+    segments = sum(_old_wal(server, first).count() for server, first in firsts.items())
     return {
-        "delete_before": first_needed,
-        "segments": old.count(),
-        "reason": f"older than the oldest kept base backup {str(oldest.pk)[:8]}",
+        "delete_before": firsts,
+        "segments": segments,
+        "reason": "per server, older than its oldest kept base backup"
+        if firsts
+        else "no base backup kept: all WAL kept",
     }
+
+
+def _old_wal(server: str, first: str) -> QuerySet[WalSegment]:
+    # WAL names sort in order within a timeline; history files are always kept.
+    return WalSegment.objects.filter(system_identifier=server, name__lt=first).exclude(
+        name__endswith=".history"
+    )
 
 
 def cleanup(*, context: AuditContext, dry_run: bool = False) -> dict[str, Any]:
@@ -1226,14 +1377,25 @@ def cleanup(*, context: AuditContext, dry_run: bool = False) -> dict[str, Any]:
     reap_backups()
     plan = plan_cleanup()
     deleted: list[str] = []
+    failed: list[dict[str, str]] = []
     wal_deleted = 0
     if not dry_run:
-        # Newest first: a backup is deleted only after the incrementals on it.
+        # Newest first: a backup is deleted only after the incrementals on it. Each deletion
+        # re-checks, under the catalog lock, that nothing started depending on the backup
+        # since the plan was made; one that fails is reported and the rest go on.
         for row in plan["delete"]:
             backup = Backup.objects.filter(pk=row["id"]).first()
             if backup is None:
                 continue
-            _delete(backup)
+            try:
+                _delete(backup)
+            except BackupRefused as refused:
+                failed.append({"id": row["id"], "reason": str(refused)})
+                continue
+            except Exception as exc:
+                log.exception("retention could not delete backup %s", row["id"])
+                failed.append({"id": row["id"], "reason": redact(f"{type(exc).__name__}: {exc}")})
+                continue
             deleted.append(row["id"])
         if plan["wal"]["delete_before"]:
             wal_deleted = _delete_wal(plan["wal"]["delete_before"])
@@ -1246,8 +1408,11 @@ def cleanup(*, context: AuditContext, dry_run: bool = False) -> dict[str, Any]:
                 log.error("could not purge temporaries on %s: %s", target.name, redact(str(exc)))
     summary = {
         "dry_run": dry_run,
-        "deleted": plan["delete"],
+        "deleted": plan["delete"]
+        if dry_run
+        else [row for row in plan["delete"] if row["id"] in deleted],
         "kept": plan["keep"],
+        "failed": failed,
         "wal": {**plan["wal"], "deleted": wal_deleted},
     }
     record_event(
@@ -1265,26 +1430,64 @@ def cleanup(*, context: AuditContext, dry_run: bool = False) -> dict[str, Any]:
     return summary
 
 
-def _delete_wal(before: str) -> int:
+def _delete_wal(firsts: dict[str, str]) -> int:
+    from backups import pitr
+
     names = {target.name: target for target in target_registry.configured_targets()}
     count = 0
-    for segment in WalSegment.objects.filter(name__lt=before).exclude(name__endswith=".history"):
-        for copy in segment.copies:
-            target = names.get(copy.get("target"))
-            if target is not None:
+    for server, first in firsts.items():
+        for segment in _old_wal(server, first):
+            # Its own place only: a location edited in the catalog steers nothing.
+            location = pitr.wal_location(server, segment.name)
+            for copy in segment.copies:
+                target = names.get(copy.get("target"))
+                if target is None:
+                    continue
                 try:
-                    target.delete(copy["location"])
+                    target.delete(location)
                 except Exception as exc:
                     log.error("could not delete WAL %s: %s", segment.name, redact(str(exc)))
-        segment.delete()
-        count += 1
+            segment.delete()
+            count += 1
     return count
 
 
 def _delete(backup: Backup) -> None:
-    _remove_copies(backup)
+    """The row first (under the catalog lock, re-checked), then the files: a backup is never
+    left in the catalog as restorable with its copies gone."""
+    names = {target.name: target for target in target_registry.configured_targets()}
     with transaction.atomic():
-        backup.delete()
+        _catalog_lock()
+        row = Backup.objects.select_for_update().filter(pk=backup.pk).first()
+        if row is None:
+            return
+        if row.children.exists():
+            raise BackupRefused(f"Backup {row.pk} gained an incremental; kept.", "has_dependents")
+        if row.status in (BackupStatus.PENDING, BackupStatus.RUNNING):
+            raise BackupRefused(f"Backup {row.pk} is {row.status}.", "in_progress")
+        if row.restores.filter(status__in=[RestoreStatus.PENDING, RestoreStatus.RUNNING]):
+            raise BackupRefused(f"A restore of backup {row.pk} is running.", "restore_running")
+        places = [
+            (copy.target, _canonical(copy))
+            for copy in BackupCopy.objects.filter(artifact__backup=row)
+            .exclude(status=CopyStatus.DELETED)
+            .select_related("artifact")
+        ]
+        row.delete()
+    for target_name, location in places:
+        target = names.get(target_name)
+        if target is None:
+            log.error(
+                "backup %s: target %s no longer configured; %s left there",
+                backup.pk,
+                target_name,
+                location,
+            )
+            continue
+        try:
+            target.delete(location)
+        except Exception as exc:
+            log.error("could not delete %s on %s: %s", location, target_name, redact(str(exc)))
 
 
 def delete_backup(*, backup: Backup, context: AuditContext) -> dict[str, Any]:
@@ -1298,11 +1501,6 @@ def delete_backup(*, backup: Backup, context: AuditContext) -> dict[str, Any]:
         )
     if backup.status in (BackupStatus.PENDING, BackupStatus.RUNNING):
         raise BackupRefused(f"Backup {backup.pk} is still {backup.status}.", "in_progress")
-    if backup.restores.exists():
-        raise BackupRefused(
-            f"Backup {backup.pk} has restore records; retention deletes it with them.",
-            "has_restores",
-        )
     summary = {
         "id": str(backup.pk),
         "kind": backup.kind,

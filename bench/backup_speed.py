@@ -15,9 +15,10 @@
    catalog database (`bridge_bench_catalog`, migrated at start): Bridge always backs itself up
    too, so the backup's time includes that unit (a few MB). Its restore is the restore drill
    (`services.start_drill`): it verifies every copy it reads (decrypts the whole artifact once),
-   restores into a fresh scratch database, compares row counts and checksums with the manifest
-   and drops the scratch database: the same end state as `pg_restore -j2` into a fresh
-   database, plus the checks. A live restore is not comparable: it first takes a safety backup.
+   restores into a fresh scratch database, compares every table's row count (and the applied
+   migrations) with the manifest and drops the scratch database: the same end state as
+   `pg_restore -j2` into a fresh database, plus the checks. A live restore is not comparable:
+   it first takes a safety backup.
 4. Peak RSS: the backup child's own high-water mark (VmHWM in /proc, read at its end), and
    separately that of the pg_dump it ran and of the baseline pg_dumps (VmHWM sampled every
    20-50 ms while they run; getrusage cannot be used: a process started by vfork+exec inherits
@@ -27,11 +28,11 @@
    bytes like images and archives, 30% text), all last modified two days ago; a full backup of
    the `uploads` component, then 1% of the files rewritten, then an incremental on that full.
 
-Each round measures every pair back to back (the baseline first in even rounds, Bridge first
-in odd ones); the ratios are per round, and the table shows their medians. Targets (issue 10):
-backup time <= 0.5x pg_dump -Fc and <= 1.3x pg_dump -Z0; stored size of one copy <= 1.0x
-pg_dump -Fc's file; restore <= 1.2x pg_restore -j2; incremental <= 5% of the full's time; peak
-RSS of the backup process < 200 MB.
+Each round measures every pair back to back (the baseline first in rounds 1, 3, ..., Bridge
+first in rounds 2, 4, ...); the ratios are per round, and the table shows their medians.
+Targets (issue 10): backup time <= 0.5x pg_dump -Fc and <= 1.3x pg_dump -Z0; stored size of
+one copy <= 1.0x pg_dump -Fc's file; restore <= 1.2x pg_restore -j2; incremental <= 5% of the
+full's time; peak RSS of the backup process < 200 MB.
 
 Usage: .venv/bin/python bench/backup_speed.py [--scale 48] [--docs 500000] [--rounds 3]
        [--media-files 2000] [--media-mb 400] [--quick] [--rebuild] [--keep] [--profile DIR]
@@ -59,6 +60,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -248,17 +250,15 @@ def change_media(paths: list[Path], fraction: float, seed: int) -> tuple[int, in
 # --- Measuring processes ------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
 class Run:
     """A finished child process: wall seconds, its own peak RSS, its exit code and output."""
 
-    def __init__(self, seconds: float, maxrss_kib: int, code: int, out: str, err: str) -> None:
-        self.seconds, self.maxrss_kib, self.code, self.out, self.err = (
-            seconds,
-            maxrss_kib,
-            code,
-            out,
-            err,
-        )
+    seconds: float
+    maxrss_kib: int
+    code: int
+    out: str
+    err: str
 
 
 def vm_hwm_kib(pid: int | str) -> tuple[str, int]:

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from django.db.models import QuerySet
 from drf_spectacular.openapi import AutoSchema
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import serializers, status
 from rest_framework.exceptions import NotFound, ValidationError
@@ -165,7 +166,9 @@ class BackupDetailSerializer(BackupSerializer):
 
 class RestoreSerializer(serializers.ModelSerializer):
     url = serializers.SerializerMethodField()
-    backup = serializers.UUIDField(source="backup_id", read_only=True)
+    backup = serializers.CharField(
+        source="backup_ref", read_only=True, help_text="The backup's id (kept after it is deleted)."
+    )
     safety_backup = serializers.UUIDField(
         source="safety_backup_id", read_only=True, allow_null=True
     )
@@ -255,7 +258,9 @@ class _BodyRequiredSchema(AutoSchema):
         return body
 
 
-BACKUP_ID = OpenApiParameter("backup_id", str, OpenApiParameter.PATH, description="Backup UUID.")
+BACKUP_ID = OpenApiParameter(
+    "backup_id", OpenApiTypes.UUID, OpenApiParameter.PATH, description="The backup's id."
+)
 
 
 def _has_body(request: Request) -> bool:
@@ -270,6 +275,16 @@ def _body(request: Request, serializer_class: type[serializers.Serializer]) -> d
     if not _has_body(request) or not isinstance(request.data, dict):
         raise ValidationError({"non_field_errors": ["Send a JSON object ({} for the defaults)."]})
     body = serializer_class(data=request.data)
+    # A misspelt field must not be read as "left out": `{"dryRun": true}` would otherwise
+    # become a real restore of everything.
+    unknown = sorted(set(request.data) - set(body.fields))
+    if unknown:
+        raise ValidationError(
+            {
+                name: [f"Unknown field: expected one of {', '.join(body.fields)}."]
+                for name in unknown
+            }
+        )
     body.is_valid(raise_exception=True)
     return body.validated_data
 

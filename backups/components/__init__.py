@@ -121,7 +121,7 @@ def register(handler: ComponentHandler) -> ComponentHandler:
 
 
 def handler_for(component: str) -> ComponentHandler:
-    if not HANDLERS:
+    if component not in HANDLERS:
         load_handlers()
     return HANDLERS[component]
 

@@ -248,7 +248,7 @@ def test_sqlite_round_trip_into_scratch_without_subject_keys(transactional_db, h
     assert manifest["excluded_table_data"] == {"security_subjectkey": 1}
     assert "security_subjectkey" not in manifest["row_counts"]
     assert manifest["row_counts"]["auth_group"] == Group.objects.count()
-    assert manifest["migrations"]["backups"].startswith("0001")
+    assert manifest["migrations"]["backups"] == latest_migration("backups")
     assert SUBJECT_MARKER.encode() not in data  # deleted, and vacuumed out of free pages
     checked = handler.check(unit, manifest, destination=destination)
     assert checked["ok"], [c for c in checked["checks"] if not c["ok"]]
@@ -665,7 +665,7 @@ def test_postgres_own_database_drill_has_no_subject_keys(
         # then
         assert manifest["excluded_table_data"] == {"security_subjectkey": 1}
         assert SUBJECT_MARKER.encode() not in data
-        assert manifest["migrations"]["backups"].startswith("0001")
+        assert manifest["migrations"]["backups"] == latest_migration("backups")
         assert manifest["migration_count"] > 10
         checked = handler.check(unit, manifest, destination=destination)
         assert checked["ok"], [c for c in checked["checks"] if not c["ok"]]
@@ -802,3 +802,9 @@ def test_a_drill_is_refused_where_it_cannot_run(transactional_db, handler):
         newer = {**manifest, "server_major": manifest["server_major"] + 1}
         with pytest.raises(RestoreRefused, match="does not restore into an older major"):
             handler.preflight(unit, newer, destination=Destination(live=False, tag="x"))
+
+
+def latest_migration(app: str) -> str:
+    from django.db.migrations.recorder import MigrationRecorder
+
+    return max(MigrationRecorder.Migration.objects.filter(app=app).values_list("name", flat=True))
