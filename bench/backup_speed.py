@@ -50,6 +50,7 @@ import io
 import json
 import os
 import random
+import resource
 import secrets
 import shutil
 import statistics
@@ -378,6 +379,12 @@ class ChildWatch:
         return self.peaks
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process so far, all its threads, user and system."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 class Phases:
     """Wall time spent in some functions of the code under test, by label: each one is
     wrapped in place (a timer around the call, nothing else changes) to say where a backup or
@@ -420,10 +427,12 @@ def child_main(args: argparse.Namespace) -> None:
         phases.wrap(handler, "discard", "drop the scratch database")
     else:
         phases.wrap(handler, "backup", "read the source, compress, encrypt, write 3 copies")
-        phases.wrap(targets._FileUpload, "commit", "commit copies (fsync, read back, rename)")
+        commit = "commit copies (fsync, read back, rename; summed)"
+        phases.wrap(targets._FileUpload, "commit", commit)
         phases.wrap(services, "_estimate", "estimate the size (progress)")
     profiler = cProfile.Profile() if args.profile_out else None
     watch = ChildWatch()
+    cpu_before = cpu_seconds()
     context = AuditContext.system()
     result: dict[str, Any]
     if args.child in ("full", "incremental"):
@@ -494,6 +503,7 @@ def child_main(args: argparse.Namespace) -> None:
     if profiler:
         profiler.dump_stats(args.profile_out)
     result["phases"] = phases.seconds
+    result["cpu_seconds"] = cpu_seconds() - cpu_before
     # VmHWM, not getrusage's ru_maxrss: the latter starts from the parent's RSS (the exec
     # after a vfork hands this process the parent's high-water mark).
     result["maxrss_self_kib"] = vm_hwm_kib("self")[1]
@@ -853,7 +863,8 @@ def report(args: argparse.Namespace, db_bytes: int, rows: list[dict[str, Any]]) 
         f"peak RSS: pg_dump -Fc {human(dump_rss)}, pg_dump -Z0 {human(z0_rss)};"
         f" Bridge's backup process {human(rss)}, the pg_dump it ran {human(inner)};"
         f" backup process wall time incl. interpreter and Django start"
-        f" {per_round(lambda r: r['backup']['process_seconds']):.2f} s"
+        f" {per_round(lambda r: r['backup']['process_seconds']):.2f} s, its CPU time during the"
+        f" job (all its threads, user+sys) {per_round(lambda r: r['backup']['cpu_seconds']):.2f} s"
     )
     for what in ("backup", "drill"):
         phases = first[what].get("phases", {})

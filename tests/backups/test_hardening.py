@@ -199,3 +199,21 @@ def test_an_edited_wrapped_key_is_refused_naming_the_backup(media):
     assert job.status == RestoreStatus.REFUSED
     assert f"data key of backup {backup.pk}" in job.error
     assert tree(media) != before and (media / "a.txt").read_text() == "changed"
+
+
+def test_progress_past_a_short_estimate_is_still_written_twice_a_second_at_most():
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from bridge.jobs import Progress
+
+    job = Job.objects.create(kind="backups.backup", status=JobStatus.RUNNING)
+    meter = services._Meter(Progress(job), total=1024)
+    with CaptureQueriesContext(connection) as queries:
+        for _ in range(500):
+            meter(1024 * 1024)  # far past the estimate: 500 MiB read of "1 KiB"
+    updates = [q for q in queries.captured_queries if q["sql"].startswith("UPDATE")]
+    assert len(updates) <= 3
+    job.refresh_from_db()
+    assert job.progress_total > job.progress_done > 0
+    assert job.percent < 100
