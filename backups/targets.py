@@ -524,7 +524,8 @@ class FileSystemTarget(Target):
             return None
         try:
             digest = hashlib.sha256()
-            view = memoryview(bytearray(SEGMENT))
+            # 1 MiB: copies are read back in parallel, one buffer per thread.
+            view = memoryview(bytearray(BLOCK))
             offset = 0
             while got := self._call(what, lambda at=offset: os.preadv(fd, [view], at)):
                 digest.update(view[:got])
@@ -1100,6 +1101,8 @@ class StorageTarget(Target):
                     try:
                         mtime = self.storage.get_modified_time(location).timestamp()
                     except (NotImplementedError, OSError):
+                        # A backend that keeps no modification times (Django's base Storage
+                        # raises NotImplementedError for it): treated as old.
                         mtime = 0.0
                     found.append((location, mtime))
             return found
