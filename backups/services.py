@@ -226,10 +226,10 @@ class _Meter:
     def __call__(self, count: int) -> None:
         self.done += count
         if self.total and self.done >= self.total:
-            # The estimate was short: grow it, so the bar never claims 100% early and the
-            # job row is still written only every half second (at the total it is written on
-            # every report).
-            self.total = int(self.done * 1.25) + 1
+            # The estimate was short: keep the total just ahead, so the bar holds at 99%
+            # (never 100% early, never going backwards) and the job row is still written only
+            # every half second (at the total it would be written on every report).
+            self.total = self.done + max(1, self.done // 100)
         self._report()
 
     def uploaded(self, count: int) -> None:
