@@ -24,11 +24,12 @@ from backups.choices import (
     RestoreStatus,
 )
 from backups.models import Backup, RestoreJob, WalSegment
+from backups.sizes import size_text
 from bridge.admin import (
     ReadOnlyAdmin,
+    job_progress,
     label,
     pretty_json,
-    progress,
     truncated,
     utc_column,
 )
@@ -47,17 +48,6 @@ RESTORE_VARIANTS = {
     RestoreStatus.FAILED: "danger",
     RestoreStatus.REFUSED: "warning",
 }
-
-
-def size_text(count: int | None) -> str:
-    if not count:
-        return "0 B"
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{count} B"
 
 
 def _context(request: HttpRequest) -> AuditContext:
@@ -131,10 +121,7 @@ class BackupAdmin(ReadOnlyAdmin):
 
     @admin.display(description="progress")
     def progress_bar(self, backup: Backup) -> str:
-        job = backup.job
-        if job is None:
-            return "-"
-        return progress(job.percent, job.progress_done, job.progress_total, final=job.is_final)
+        return job_progress(backup.job)
 
     @admin.display(description="stored", ordering="stored_bytes")
     def stored_size(self, backup: Backup) -> str:
@@ -400,10 +387,7 @@ class RestoreJobAdmin(ReadOnlyAdmin):
 
     @admin.display(description="progress")
     def progress_bar(self, restore: RestoreJob) -> str:
-        job = restore.job
-        if job is None:
-            return "-"
-        return progress(job.percent, job.progress_done, job.progress_total, final=job.is_final)
+        return job_progress(restore.job)
 
     @admin.display(description="backup")
     def backup_link(self, restore: RestoreJob) -> str:

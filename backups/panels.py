@@ -9,9 +9,9 @@ from django.urls import reverse
 from django.utils import timezone
 
 from backups import services
-from backups.admin import size_text
 from backups.choices import BackupStatus
 from backups.models import Backup
+from backups.sizes import size_text
 from bridge.panels import Bar, Chart, Figure, Link, PanelContent, Row, register_panel
 
 CHART_BACKUPS = 24

@@ -103,6 +103,13 @@ def progress(
     )
 
 
+def job_progress(job: Job | None) -> SafeString | str:
+    """The progress bar of a job row (an area's record shows its job's)."""
+    if job is None:
+        return "-"
+    return progress(job.percent, job.progress_done, job.progress_total, final=job.is_final)
+
+
 # --- Append-only and read-only records --------------------------------------------------------
 
 
@@ -205,7 +212,7 @@ class JobAdminMixin:
 
     @admin.display(description="progress")
     def progress_bar(self, job: Job) -> str:
-        return progress(job.percent, job.progress_done, job.progress_total, final=job.is_final)
+        return job_progress(job)
 
     @admin.display(description="kind", ordering="kind")
     def kind_title(self, job: Job) -> str:

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 from django.db.models import QuerySet
 from django.http import HttpRequest
 from django_filters import rest_framework as filters
+from drf_spectacular.openapi import AutoSchema
 from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
@@ -112,6 +113,46 @@ class StrictCharField(serializers.CharField):
         if not isinstance(data, str):
             self.fail("invalid")
         return super().to_internal_value(data)
+
+
+class StrictBooleanField(serializers.BooleanField):
+    """A JSON true or false only: DRF's BooleanField also takes "yes", 1 and "on", values the
+    schema (type: boolean) calls invalid."""
+
+    def to_internal_value(self, data: Any) -> bool:
+        if not isinstance(data, bool):
+            self.fail("invalid", input=data)
+        return data
+
+
+class StrictIntegerField(serializers.IntegerField):
+    """A JSON integer only: DRF's IntegerField also takes "3" and 3.0, values the schema
+    (type: integer) calls invalid."""
+
+    def to_internal_value(self, data: Any) -> int:
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+def has_body(request: Request) -> bool:
+    """Whether the request carries a body at all (`{}` does; nothing sent does not)."""
+    meta = request._request.META
+    length = meta.get("CONTENT_LENGTH") or "0"
+    return (length.isdigit() and int(length) > 0) or "chunked" in meta.get(
+        "HTTP_TRANSFER_ENCODING", ""
+    )
+
+
+class BodyRequiredSchema(AutoSchema):
+    """For operations whose fields are all optional but whose request is a JSON object (`{}`
+    takes the defaults): documented as a required body, as the views enforce."""
+
+    def _get_request_body(self, direction: str = "request") -> dict | None:
+        body = super()._get_request_body(direction)
+        if body is not None:
+            body["required"] = True
+        return body
 
 
 class StrictRegexField(serializers.RegexField):

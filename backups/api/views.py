@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from django.db.models import QuerySet
-from drf_spectacular.openapi import AutoSchema
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import serializers, status
@@ -27,17 +26,17 @@ from backups import services
 from backups.choices import BackupKind, Component
 from backups.filters import BackupFilter, RestoreJobFilter
 from backups.models import Artifact, Backup, BackupCopy, RestoreJob
-from bridge.api import BridgeViewSet, ErrorSerializer, JobSerializer, StrictCharField, audit_context
+from bridge.api import (
+    BodyRequiredSchema,
+    BridgeViewSet,
+    ErrorSerializer,
+    JobSerializer,
+    StrictBooleanField,
+    StrictCharField,
+    audit_context,
+    has_body,
+)
 from bridge.models import Job
-
-
-class StrictBooleanField(serializers.BooleanField):
-    """A JSON true or false only (DRF also takes "yes", 1 and "on")."""
-
-    def to_internal_value(self, data: Any) -> bool:
-        if not isinstance(data, bool):
-            self.fail("invalid", input=data)
-        return data
 
 
 class ComponentsField(serializers.ListField):
@@ -248,31 +247,13 @@ class CleanupRequest(serializers.Serializer):
     )
 
 
-class _BodyRequiredSchema(AutoSchema):
-    """Every field is optional but the request is a JSON object (`{}` takes the defaults)."""
-
-    def _get_request_body(self, direction: str = "request") -> dict | None:
-        body = super()._get_request_body(direction)
-        if body is not None:
-            body["required"] = True
-        return body
-
-
 BACKUP_ID = OpenApiParameter(
     "backup_id", OpenApiTypes.UUID, OpenApiParameter.PATH, description="The backup's id."
 )
 
 
-def _has_body(request: Request) -> bool:
-    meta = request._request.META
-    length = meta.get("CONTENT_LENGTH") or "0"
-    return (length.isdigit() and int(length) > 0) or "chunked" in meta.get(
-        "HTTP_TRANSFER_ENCODING", ""
-    )
-
-
 def _body(request: Request, serializer_class: type[serializers.Serializer]) -> dict[str, Any]:
-    if not _has_body(request) or not isinstance(request.data, dict):
+    if not has_body(request) or not isinstance(request.data, dict):
         raise ValidationError({"non_field_errors": ["Send a JSON object ({} for the defaults)."]})
     body = serializer_class(data=request.data)
     # A misspelt field must not be read as "left out": `{"dryRun": true}` would otherwise
@@ -329,7 +310,7 @@ def _backup(backup_id: Any, field: str | None = None) -> Backup:
 class BackupViewSet(BridgeViewSet):
     """Backups: status, list, details, start, delete, restore, drill, retention."""
 
-    schema = _BodyRequiredSchema()
+    schema = BodyRequiredSchema()
     filterset_class = BackupFilter
     required_permissions: ClassVar[dict[str, tuple[str, ...]]] = {
         "overview": ("backups.view_backup",),

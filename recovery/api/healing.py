@@ -3,29 +3,27 @@ DELETE /api/recovery/reset (superusers: breakers, retry statistics and stuck hea
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from drf_spectacular.openapi import AutoSchema
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.exceptions import NotFound, PermissionDenied, ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from bridge.api import BridgeViewSet, ErrorSerializer, JobSerializer, accepted, audit_context
+from bridge.api import (
+    BodyRequiredSchema,
+    BridgeViewSet,
+    ErrorSerializer,
+    JobSerializer,
+    StrictBooleanField,
+    accepted,
+    audit_context,
+    has_body,
+)
 from recovery import healing
 from recovery.choices import HealStrategy
 from recovery.models import Service
-
-
-class StrictBooleanField(serializers.BooleanField):
-    """A JSON true or false only: DRF's BooleanField also takes "yes", 1 and "on", values the
-    schema (type: boolean) calls invalid."""
-
-    def to_internal_value(self, data: Any) -> bool:
-        if not isinstance(data, bool):
-            self.fail("invalid", input=data)
-        return data
 
 
 class HealRequestSerializer(serializers.Serializer):
@@ -45,17 +43,6 @@ class RecoveryResetSerializer(serializers.Serializer):
     stuck_heals = serializers.IntegerField(help_text="Heal operations closed as stuck")
 
 
-class _BodyRequiredSchema(AutoSchema):
-    """Every field of a heal request is optional, but the request is a JSON object: `{}`
-    heals with the service's own strategies. Documented as a required body, and enforced."""
-
-    def _get_request_body(self, direction: str = "request") -> dict | None:
-        body = super()._get_request_body(direction)
-        if body is not None:
-            body["required"] = True
-        return body
-
-
 SERVICE_PARAMETER = OpenApiParameter(
     "service", str, OpenApiParameter.PATH, description="The service's name."
 )
@@ -64,7 +51,7 @@ SERVICE_PARAMETER = OpenApiParameter(
 class HealViewSet(BridgeViewSet):
     """Self-healing by hand, and the recovery area's reset."""
 
-    schema = _BodyRequiredSchema()
+    schema = BodyRequiredSchema()
     required_permissions: ClassVar[dict[str, tuple[str, ...]]] = {
         "heal": ("recovery.heal_service",),
         "reset": ("recovery.reset_recovery",),
@@ -81,7 +68,7 @@ class HealViewSet(BridgeViewSet):
         target = Service.objects.filter(name=service).first()
         if target is None:
             raise NotFound(f"No service named {service!r}.")
-        if not _has_body(request):
+        if not has_body(request):
             raise ValidationError(
                 {"non_field_errors": ["Send a JSON object: {} heals with the service's list."]}
             )
@@ -112,11 +99,3 @@ class HealViewSet(BridgeViewSet):
         if not request.user.is_superuser:
             raise PermissionDenied("Only a superuser may reset breakers, statistics and heals.")
         return Response(healing.reset_recovery(context=audit_context(request)))
-
-
-def _has_body(request: Request) -> bool:
-    meta = request._request.META
-    length = meta.get("CONTENT_LENGTH") or "0"
-    return (length.isdigit() and int(length) > 0) or "chunked" in meta.get(
-        "HTTP_TRANSFER_ENCODING", ""
-    )

@@ -17,7 +17,13 @@ from rest_framework.exceptions import NotFound
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from bridge.api import BridgeViewSet, ErrorSerializer, StrictCharField, audit_context
+from bridge.api import (
+    BridgeViewSet,
+    ErrorSerializer,
+    StrictCharField,
+    StrictIntegerField,
+    audit_context,
+)
 from bridge.env import parse_duration
 from compliance.audit import record_event
 from compliance.choices import AuditAction
@@ -33,16 +39,6 @@ TEST_MAX_FAILURES = 10
 TEST_MAX_RETRIES = 10
 TEST_MAX_DELAY_MS = 2000
 TEST_MAX_DEADLINE_MS = 10000
-
-
-class StrictIntegerField(serializers.IntegerField):
-    """A JSON integer only: DRF's IntegerField also takes "3" and 3.0, values the schema
-    (type: integer) calls invalid."""
-
-    def to_internal_value(self, data: Any) -> int:
-        if isinstance(data, bool) or not isinstance(data, int):
-            self.fail("invalid")
-        return super().to_internal_value(data)
 
 
 # --- Retry statistics -------------------------------------------------------------------------

@@ -30,7 +30,9 @@ from rest_framework.response import Response
 from bridge.api import (
     BridgeViewSet,
     ErrorSerializer,
+    StrictBooleanField,
     StrictCharField,
+    StrictIntegerField,
     StrictRegexField,
     audit_context,
 )
@@ -45,24 +47,6 @@ RECENT_CHECKS = 50
 RECENT_TRANSITIONS = 20
 # The retry statistics /status summarises.
 RETRY_WINDOW = timedelta(hours=1)
-
-
-class StrictBooleanField(serializers.BooleanField):
-    """A JSON true or false only (DRF also takes "yes", 1 and "on")."""
-
-    def to_internal_value(self, data: Any) -> bool:
-        if not isinstance(data, bool):
-            self.fail("invalid", input=data)
-        return data
-
-
-class StrictIntegerField(serializers.IntegerField):
-    """A JSON integer only (DRF also takes "5" and 5.0, which the schema calls invalid)."""
-
-    def to_internal_value(self, data: Any) -> int:
-        if isinstance(data, bool) or not isinstance(data, int):
-            self.fail("invalid")
-        return super().to_internal_value(data)
 
 
 def _inline_enum(values: list[str], description: str = "") -> dict:

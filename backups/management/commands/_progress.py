@@ -5,18 +5,10 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from backups.sizes import size_text
 from bridge.models import Job
 
 WIDTH = 30
-
-
-def _size(count: int) -> str:
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{count} B"
 
 
 class Bar:
@@ -32,10 +24,10 @@ class Bar:
             percent = min(100, 100 * job.progress_done // total)
             filled = WIDTH * percent // 100
             bar = f"[{'#' * filled}{'-' * (WIDTH - filled)}] {percent:3d}%"
-            amount = f"{_size(job.progress_done)} of {_size(total)}"
+            amount = f"{size_text(job.progress_done)} of {size_text(total)}"
         else:
             bar = f"[{'?' * WIDTH}]    "
-            amount = _size(job.progress_done)
+            amount = size_text(job.progress_done)
         line = f"{bar}  {amount}  {job.progress_message}"[:160]
         if self.tty:
             self.out.write(f"\r{line:<160}", ending="")
