@@ -299,7 +299,16 @@ def test_an_sftp_copy_corrupted_before_commit_is_refused_and_removed(settings, s
     upload = target.begin("b10/config")
     upload.file.write(data)
     upload.file.flush()
-    [temporary] = temporaries(sftp_target.root)
+    # The server writes what it was sent on its own schedule: corrupt the file only once all of
+    # it has landed, or a late write would repair it.
+    deadline = time.monotonic() + 10
+    while True:
+        found = temporaries(sftp_target.root)
+        if found and found[0].stat().st_size == len(data):
+            break
+        assert time.monotonic() < deadline, "the upload never reached the server's disk"
+        time.sleep(0.05)
+    [temporary] = found
     temporary.write_bytes(b"X" + data[1:])
     with pytest.raises(TargetError, match="the copy read back has SHA-256"):
         upload.commit(sha256=sha(data))

@@ -15,7 +15,7 @@ from typing import Any
 from recovery.models import Service
 
 
-class Stub:
+class ScriptedAnswers:
     """What the server answers, and what it was sent."""
 
     def __init__(self) -> None:
@@ -26,16 +26,16 @@ class Stub:
 
 
 @contextmanager
-def http_stub() -> Iterator[Stub]:
-    stub = Stub()
+def scripted_http_server() -> Iterator[ScriptedAnswers]:
+    peer = ScriptedAnswers()
 
     class Handler(BaseHTTPRequestHandler):
         def _answer(self) -> None:
-            self.send_response(stub.status)
+            self.send_response(peer.status)
             self.send_header("Content-Type", "text/plain")
-            self.send_header("Content-Length", str(len(stub.body)))
+            self.send_header("Content-Length", str(len(peer.body)))
             self.end_headers()
-            self.wfile.write(stub.body)
+            self.wfile.write(peer.body)
 
         def do_GET(self) -> None:
             self._answer()
@@ -43,7 +43,7 @@ def http_stub() -> Iterator[Stub]:
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length)
-            stub.received.append(
+            peer.received.append(
                 {"path": self.path, "headers": dict(self.headers), "json": json.loads(raw)}
             )
             self._answer()
@@ -55,9 +55,9 @@ def http_stub() -> Iterator[Stub]:
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    stub.url = f"http://127.0.0.1:{server.server_address[1]}"
+    peer.url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        yield stub
+        yield peer
     finally:
         server.shutdown()
         server.server_close()

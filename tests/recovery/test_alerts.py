@@ -10,7 +10,7 @@ from django.utils import timezone
 from recovery import alerts
 from recovery.models import Alert, HealthTransition
 from tests.conftest import free_port
-from tests.recovery.probe_servers import http_stub, make_service
+from tests.recovery.probe_servers import make_service, scripted_http_server
 
 pytestmark = pytest.mark.django_db
 
@@ -35,7 +35,7 @@ def _quick_retries(settings) -> None:
 
 
 def test_an_alert_goes_by_mail_and_webhook_and_each_delivery_is_recorded(settings):
-    with http_stub() as receiver:
+    with scripted_http_server() as receiver:
         settings.RECOVERY_ALERT_WEBHOOK = f"{receiver.url}/hook"
         service = make_service()
         sent = alerts.send_alert(service=service, subject="db is down", body="2 failures")
@@ -52,7 +52,7 @@ def test_an_alert_goes_by_mail_and_webhook_and_each_delivery_is_recorded(setting
 
 
 def test_a_failing_webhook_is_retried_then_recorded_as_not_delivered(settings):
-    with http_stub() as receiver:
+    with scripted_http_server() as receiver:
         receiver.status = 502
         settings.RECOVERY_ALERT_WEBHOOK = receiver.url
         settings.RECOVERY_ALERT_EMAILS = []
@@ -65,7 +65,7 @@ def test_a_failing_webhook_is_retried_then_recorded_as_not_delivered(settings):
 
 
 def test_a_webhook_refusing_the_request_is_not_retried(settings):
-    with http_stub() as receiver:
+    with scripted_http_server() as receiver:
         receiver.status = 400
         settings.RECOVERY_ALERT_WEBHOOK = receiver.url
         settings.RECOVERY_ALERT_EMAILS = []

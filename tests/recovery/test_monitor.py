@@ -16,7 +16,7 @@ from recovery import breaker, monitor
 from recovery.choices import HealthStatus
 from recovery.models import Alert, HealthCheck, HealthTransition, Service
 from tests.conftest import free_port
-from tests.recovery.probe_servers import http_stub, make_service
+from tests.recovery.probe_servers import make_service, scripted_http_server
 
 pytestmark = pytest.mark.django_db
 
@@ -68,19 +68,19 @@ def come_back_up(service: Service) -> None:
 def test_flapping_is_suppressed_and_each_change_is_one_transition_and_one_alert(
     django_capture_on_commit_callbacks,
 ):
-    with http_stub() as stub, django_capture_on_commit_callbacks(execute=True):
-        service = make_service(target=stub.url)
+    with scripted_http_server() as peer, django_capture_on_commit_callbacks(execute=True):
+        service = make_service(target=peer.url)
         # a first pass: up at once
         monitor.check_now(service)
         assert service.status == "up"
         # one failure is not enough to go down
-        stub.status = 500
+        peer.status = 500
         monitor.check_now(service)
         assert service.status == "up" and service.consecutive_failures == 1
         # one pass in between starts the count again
-        stub.status = 200
+        peer.status = 200
         monitor.check_now(service)
-        stub.status = 500
+        peer.status = 500
         monitor.check_now(service)
         assert service.status == "up"
         # the second failure in a row: down, with the reason
@@ -91,7 +91,7 @@ def test_flapping_is_suppressed_and_each_change_is_one_transition_and_one_alert(
         monitor.check_now(service)
         assert service.status == "down"
         # back: one pass is not enough, the second in a row is
-        stub.status = 200
+        peer.status = 200
         check_past_open_breaker(service)
         assert service.status == "down", service.status_reason
         assert service.status_reason.startswith("passing again (1 of 2)")
@@ -150,16 +150,16 @@ def test_going_down_asks_self_healing(settings, django_capture_on_commit_callbac
 # once, between one check and the next.
 @pytest.mark.django_db(transaction=True)
 def test_a_service_whose_critical_dependency_is_down_is_degraded_and_says_which():
-    with http_stub() as db_stub, http_stub() as app_stub:
-        database = make_service(name="t-dep-db", target=db_stub.url, critical=True)
-        optional = make_service(name="t-dep-cache", target=db_stub.url, critical=False)
-        app = make_service(name="t-dep-app", target=app_stub.url)
+    with scripted_http_server() as db_peer, scripted_http_server() as app_peer:
+        database = make_service(name="t-dep-db", target=db_peer.url, critical=True)
+        optional = make_service(name="t-dep-cache", target=db_peer.url, critical=False)
+        app = make_service(name="t-dep-app", target=app_peer.url)
         app.depends_on.set([database, optional])
         for service in (database, optional, app):
             monitor.check_now(service)
         assert app.status == "up"
         # when the critical dependency goes down, the app is degraded at once (no new probe)
-        db_stub.status = 500
+        db_peer.status = 500
         monitor.check_now(database)
         monitor.check_now(database)
         monitor.check_now(optional)
@@ -171,7 +171,7 @@ def test_a_service_whose_critical_dependency_is_down_is_degraded_and_says_which(
         monitor.check_now(app)
         assert app.status == "degraded"
         # and it is up again with the dependency
-        db_stub.status = 200
+        db_peer.status = 200
         come_back_up(database)
         app.refresh_from_db()
         assert app.status == "up"

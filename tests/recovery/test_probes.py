@@ -12,7 +12,7 @@ from recovery import monitor, probes
 from recovery.models import HealthCheck
 from security.models import StoredSecret
 from tests.conftest import free_port, need
-from tests.recovery.probe_servers import http_stub, make_service
+from tests.recovery.probe_servers import make_service, scripted_http_server
 
 pytestmark = pytest.mark.django_db
 
@@ -58,19 +58,19 @@ def test_a_closed_port_fails_at_once():
 
 
 def test_an_http_service_passes_on_2xx_and_the_expected_body():
-    with http_stub() as stub:
-        service = make_service(target=f"{stub.url}/health", expect_body="all good")
+    with scripted_http_server() as peer:
+        service = make_service(target=f"{peer.url}/health", expect_body="all good")
         assert monitor.check_now(service).ok
-        stub.body = b"on fire"
+        peer.body = b"on fire"
         check = monitor.check_now(service)
     assert not check.ok
     assert "body lacks the expected text" in check.detail
 
 
 def test_an_http_service_fails_on_an_unexpected_status_and_passes_on_the_expected_one():
-    with http_stub() as stub:
-        stub.status = 503
-        service = make_service(target=stub.url)
+    with scripted_http_server() as peer:
+        peer.status = 503
+        service = make_service(target=peer.url)
         check = monitor.check_now(service)
         assert not check.ok
         assert check.detail == "HTTP 503 (expected 2xx)"

@@ -11,7 +11,7 @@ from compliance.models import AuditEvent
 from recovery.models import HealOperation, HealthCheck, Service
 from security.models import StoredSecret
 from tests.conftest import client_for, free_port, make_user
-from tests.recovery.probe_servers import http_stub, make_service
+from tests.recovery.probe_servers import make_service, scripted_http_server
 
 pytestmark = pytest.mark.django_db
 SERVICES = "/api/recovery/services"
@@ -159,8 +159,8 @@ def test_services_need_authentication_and_the_recovery_permissions(
 
 
 def test_health_in_detail_can_force_a_fresh_check_which_is_audited(operator_api):
-    with http_stub() as stub:
-        service = make_service(name="t-web", target=stub.url)
+    with scripted_http_server() as peer:
+        service = make_service(name="t-web", target=peer.url)
         plain = operator_api.get("/api/recovery/health/t-web")
         assert plain.status_code == 200
         assert plain.json()["checks"] == [] and plain.json()["fresh"] is False
@@ -222,8 +222,8 @@ def console_for(user):
 
 
 def test_the_console_lists_services_with_health_sparkline_and_breaker(operator):
-    with http_stub() as stub:
-        service = make_service(name="t-shop", target=stub.url)
+    with scripted_http_server() as peer:
+        service = make_service(name="t-shop", target=peer.url)
         from recovery import monitor
 
         for _ in range(3):
