@@ -39,6 +39,9 @@ ROLE_PERMISSIONS: dict[Role, tuple[str, ...]] = {
         "backups.cleanup_backups",
         "backups.delete_backup",
         "compliance.log_custom_event",
+        # Segregation of duties: a second operator approves a live restore.
+        "compliance.view_approvalrequest",
+        "compliance.decide_approvalrequest",
     ),
     Role.SECURITY_OFFICER: (
         "security.view_*",
@@ -58,6 +61,9 @@ ROLE_PERMISSIONS: dict[Role, tuple[str, ...]] = {
         "otp_totp.view_totpdevice",
         "otp_totp.delete_totpdevice",
         "compliance.log_custom_event",
+        # Segregation of duties: a second security officer approves a key rotation.
+        "compliance.view_approvalrequest",
+        "compliance.decide_approvalrequest",
     ),
     Role.COMPLIANCE_OFFICER: (
         "compliance.view_*",
@@ -71,6 +77,15 @@ ROLE_PERMISSIONS: dict[Role, tuple[str, ...]] = {
         "compliance.log_custom_event",
         "compliance.verify_chain",
         "compliance.cancel_verification",
+        "compliance.process_datasubjectrequest",
+        "compliance.add_datasubjectrequest",
+        "compliance.record_consent",
+        "compliance.add_privacynotice",
+        "compliance.generate_report",
+        "compliance.add_legalhold",
+        "compliance.release_legalhold",
+        "compliance.purge_auditevent",
+        "compliance.run_compliance_test",
     ),
 }
 

@@ -441,6 +441,59 @@ THREAT_EXPORT_VOLUME = env_str("THREAT_EXPORT_VOLUME", "10/1h")
 # Points per kind of event, overriding the defaults in security/threats.py: {"xss": 30, ...}.
 THREAT_SCORES = env_json("THREAT_SCORES", {})
 
+# --- Compliance: GDPR, SOX, retention, reports (compliance/, README "Compliance") ---------
+ENABLE_GDPR_COMPLIANCE = env_bool("ENABLE_GDPR_COMPLIANCE", True)
+ENABLE_SOX_COMPLIANCE = env_bool("ENABLE_SOX_COMPLIANCE", True)
+# Tables whose every row change is recorded before/after by a database trigger (app.Model
+# labels; many-to-many tables as app.Model_field). Bridge's configuration and permissions.
+SOX_AUDITED_MODELS = env_list(
+    "SOX_AUDITED_MODELS",
+    "security.User,security.User_groups,security.User_user_permissions,auth.Group,"
+    "auth.Group_permissions,recovery.Service,security.StoredSecret,"
+    "django_celery_beat.PeriodicTask",
+)
+# Columns never copied into a change record: only whether they changed is kept.
+SOX_SECRET_COLUMNS = env_list(
+    "SOX_SECRET_COLUMNS", "password,wrapped,value,ciphertext,secret,token,key"
+)
+# Segregation of duties: a live restore and a key rotation need a second authorised person.
+SOX_REQUIRE_SECOND_APPROVAL = env_bool("SOX_REQUIRE_SECOND_APPROVAL", ENABLE_SOX_COMPLIANCE)
+SOX_APPROVAL_TTL = env_duration("SOX_APPROVAL_TTL", "24h")
+# Retention (days) per category; DATA_RETENTION_DAYS (7 years) unless a category says less.
+DATA_RETENTION_DAYS = env_int("DATA_RETENTION_DAYS", 2555, minimum=1)
+RETENTION_DAYS = {
+    "audit_events": env_int("RETENTION_AUDIT_EVENTS_DAYS", DATA_RETENTION_DAYS, minimum=1),
+    "api_requests": env_int("RETENTION_API_REQUESTS_DAYS", DATA_RETENTION_DAYS, minimum=1),
+    "dsr_records": env_int("RETENTION_DSR_RECORDS_DAYS", DATA_RETENTION_DAYS, minimum=1),
+    "reports": env_int("RETENTION_REPORTS_DAYS", DATA_RETENTION_DAYS, minimum=1),
+}
+# The daily retention job reports what it would purge and purges nothing.
+RETENTION_DRY_RUN = env_bool("RETENTION_DRY_RUN", False)
+# Data subject requests: reminders this many days before the due date; exports kept this long.
+DSR_REMINDER_DAYS = env_int("DSR_REMINDER_DAYS", 7, minimum=1)
+DSR_EXPORT_DIR = Path(env_str("DSR_EXPORT_DIR", str(VAR_DIR / "dsr-exports")))
+DSR_EXPORT_TTL_DAYS = env_int("DSR_EXPORT_TTL_DAYS", 30, minimum=1)
+# Purposes consent can be given for (PUT /api/compliance/gdpr/consent/{subject_id}).
+GDPR_CONSENT_PURPOSES = env_list(
+    "GDPR_CONSENT_PURPOSES", "marketing,analytics,personalisation,third_party_sharing"
+)
+# Hash version 2: actor usernames, client IPs and these detail keys of audit events are
+# sealed under the data subject's key (erasable without breaking the chain).
+AUDIT_PERSONAL_DATA = env_bool("AUDIT_PERSONAL_DATA", True)
+AUDIT_PERSONAL_DETAIL_KEYS = env_list(
+    "AUDIT_PERSONAL_DETAIL_KEYS", "email,subject_id,full_name,first_name,last_name,phone,address"
+)
+REPORT_DIR = Path(env_str("REPORT_DIR", str(VAR_DIR / "reports")))
+# A report never silently stops: past this many rows it is marked truncated, and says so.
+REPORT_MAX_ROWS = env_int("REPORT_MAX_ROWS", 5_000_000, minimum=1)
+# Compliance monitoring: rules run this often (and on events); violations alert these.
+COMPLIANCE_CHECK_INTERVAL = env_int("COMPLIANCE_CHECK_INTERVAL", 300, minimum=30)
+COMPLIANCE_ALERT_EMAILS = env_list("COMPLIANCE_ALERT_EMAILS")
+COMPLIANCE_ALERT_WEBHOOK = env_str("COMPLIANCE_ALERT_WEBHOOK")
+# Exports (DSR exports, report downloads, audit exports) per user in a window above which
+# the export-volume rule raises a violation.
+COMPLIANCE_EXPORT_VOLUME = env_str("COMPLIANCE_EXPORT_VOLUME", "20/1h")
+
 # --- Audit --------------------------------------------------------------------------------
 ENABLE_AUDIT_LOGGING = env_bool("ENABLE_AUDIT_LOGGING", True)
 # Every second: a sealed event is tamper-evident sooner, and the unfiltered event count (sealed
@@ -615,6 +668,15 @@ CELERY_BEAT_SCHEDULE = {
     "verify-audit-chain": {
         "task": "compliance.tasks.scheduled_verification_task",
         "schedule": float(AUDIT_VERIFY_INTERVAL),
+    },
+    "compliance-rules": {
+        "task": "compliance.tasks.evaluate_rules_task",
+        "schedule": float(COMPLIANCE_CHECK_INTERVAL),
+        "options": {"expire_seconds": COMPLIANCE_CHECK_INTERVAL},
+    },
+    "compliance-retention-daily": {
+        "task": "compliance.tasks.retention_task",
+        "schedule": 86400.0,
     },
     "backup-subject-keys": {
         "task": "security.tasks.backup_subject_keys_task",

@@ -72,6 +72,37 @@ class AuditAction(models.TextChoices):
     BACKUP_DRILL = "backup.drill", "Restore drill run"
     BACKUP_CLEANUP = "backup.cleanup", "Backup retention applied"
     WAL_ARCHIVED = "backup.wal_archived", "WAL segment archived"
+    DSR_RECEIVED = "gdpr.request.received", "Data subject request received"
+    DSR_VERIFYING = "gdpr.request.verifying", "Data subject request waits for identity proof"
+    DSR_VERIFIED = "gdpr.request.verified", "Data subject identity verified"
+    DSR_EXTENDED = "gdpr.request.extended", "Data subject request deadline extended"
+    DSR_REJECTED = "gdpr.request.rejected", "Data subject request rejected"
+    DSR_COMPLETED = "gdpr.request.completed", "Data subject request completed"
+    DSR_FAILED = "gdpr.request.failed", "Data subject request processing failed"
+    DSR_EXPORT_DOWNLOADED = "gdpr.export.downloaded", "Data subject export downloaded"
+    DSR_RECTIFIED = "gdpr.rectified", "Personal data rectified"
+    DSR_ERASED = "gdpr.erased", "Personal data erased"
+    ERASURES_REAPPLIED = "gdpr.erasures_reapplied", "Erasures applied again after a restore"
+    CONSENT_RECORDED = "gdpr.consent.recorded", "Consent granted or withdrawn"
+    CONSENT_RECEIPT = "gdpr.consent.receipt", "Consent receipt exported"
+    SOX_TRIGGERS_SYNCED = "sox.triggers_synced", "SOX change capture installed or updated"
+    APPROVAL_REQUESTED = "sox.approval.requested", "Second approval requested"
+    APPROVAL_APPROVED = "sox.approval.approved", "Second approval given"
+    APPROVAL_REJECTED = "sox.approval.rejected", "Second approval refused"
+    APPROVAL_CANCELLED = "sox.approval.cancelled", "Approval request cancelled"
+    APPROVAL_EXPIRED = "sox.approval.expired", "Approval request expired"
+    LEGAL_HOLD_PLACED = "retention.hold.placed", "Legal hold placed"
+    LEGAL_HOLD_RELEASED = "retention.hold.released", "Legal hold released"
+    RETENTION_RUN = "retention.run", "Retention applied"
+    AUDIT_PURGED = "audit.purged", "Sealed audit events purged"
+    AUDIT_PURGE_REFUSED = "audit.purge_refused", "Audit purge refused"
+    REPORT_REQUESTED = "report.requested", "Compliance report requested"
+    REPORT_GENERATED = "report.generated", "Compliance report generated"
+    REPORT_FAILED = "report.failed", "Compliance report failed"
+    REPORT_DOWNLOADED = "report.downloaded", "Compliance report downloaded"
+    VIOLATION_OPENED = "compliance.violation.opened", "Compliance violation opened"
+    VIOLATION_RESOLVED = "compliance.violation.resolved", "Compliance violation resolved"
+    COMPLIANCE_TEST = "compliance.test", "Compliance self-test run"
 
 
 CUSTOM_ACTION_PREFIX = "custom."
@@ -93,3 +124,124 @@ class CheckpointStatus(models.TextChoices):
     PENDING = "pending", "Pending (not yet in every sink)"
     PUBLISHED = "published", "Published to every sink"
     REFUSED = "refused", "Refused (its signature does not verify)"
+
+
+# --- Issue 11: GDPR, consent, SOX, retention, reports, monitoring ---------------------------
+
+DSR_JOB_KIND = "compliance.dsr"
+REPORT_JOB_KIND = "compliance.report"
+RETENTION_JOB_KIND = "compliance.retention"
+COMPLIANCE_TEST_JOB_KIND = "compliance.test"
+
+
+class DsrType(models.TextChoices):
+    """What the data subject asks for (GDPR Art. 15, 16, 17 and 20)."""
+
+    ACCESS = "access", "Access (Art. 15)"
+    RECTIFICATION = "rectification", "Rectification (Art. 16)"
+    ERASURE = "erasure", "Erasure (Art. 17)"
+    PORTABILITY = "portability", "Portability (Art. 20)"
+
+
+class DsrStatus(models.TextChoices):
+    """received -> verifying (clock paused) -> in_progress -> [extended] -> completed | rejected."""
+
+    RECEIVED = "received", "Received"
+    VERIFYING = "verifying", "Verifying identity (clock paused)"
+    IN_PROGRESS = "in_progress", "In progress"
+    EXTENDED = "extended", "Extended"
+    COMPLETED = "completed", "Completed"
+    REJECTED = "rejected", "Rejected"
+
+
+OPEN_DSR_STATUSES = (
+    DsrStatus.RECEIVED,
+    DsrStatus.VERIFYING,
+    DsrStatus.IN_PROGRESS,
+    DsrStatus.EXTENDED,
+)
+
+
+class ConsentMethod(models.TextChoices):
+    """How consent was given or withdrawn."""
+
+    CHECKBOX = "checkbox", "Checkbox (opt-in)"
+    FORM = "form", "Signed form"
+    API = "api", "API"
+    VERBAL = "verbal", "Verbal (recorded)"
+    EMAIL = "email", "Email"
+    IMPORT = "import", "Imported"
+
+
+class SoxOperation(models.TextChoices):
+    INSERT = "INSERT", "Insert"
+    UPDATE = "UPDATE", "Update"
+    DELETE = "DELETE", "Delete"
+
+
+class ApprovalAction(models.TextChoices):
+    """Actions that, with ENABLE_SOX_COMPLIANCE, need a second authorised person."""
+
+    LIVE_RESTORE = "backup.live_restore", "Restore a backup onto the live system"
+    KEY_ROTATION = "security.key_rotation", "Rotate the master and data keys"
+
+
+class ApprovalStatus(models.TextChoices):
+    PENDING = "pending", "Waiting for a second approver"
+    APPROVED = "approved", "Approved (carried out)"
+    REJECTED = "rejected", "Rejected"
+    EXPIRED = "expired", "Expired"
+    CANCELLED = "cancelled", "Cancelled by the requester"
+    FAILED = "failed", "Approved, but carrying it out failed"
+
+
+class RetentionCategory(models.TextChoices):
+    """What retention applies to, each with its own number of days."""
+
+    AUDIT_EVENTS = "audit_events", "Audit events"
+    API_REQUESTS = "api_requests", "API request records"
+    DSR_RECORDS = "dsr_records", "Data subject requests"
+    REPORTS = "reports", "Compliance reports"
+
+
+class ReportType(models.TextChoices):
+    AUDIT_TRAIL = "audit_trail", "Audit trail"
+    ACCESS_REVIEW = "access_review", "Access review"
+    GDPR_REQUESTS = "gdpr_requests", "GDPR requests"
+    SOX_CHANGES = "sox_changes", "SOX changes and segregation of duties"
+    SECURITY_EVENTS = "security_events", "Security events"
+    BACKUP_EVIDENCE = "backup_evidence", "Backup evidence"
+
+
+class ReportFormat(models.TextChoices):
+    CSV = "csv", "CSV"
+    PDF = "pdf", "PDF"
+    JSON = "json", "JSON"
+
+
+class ReportStatus(models.TextChoices):
+    PENDING = "pending", "Pending"
+    RUNNING = "running", "Running"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+
+
+class ViolationRule(models.TextChoices):
+    DSR_DUE_SOON = "dsr_due_soon", "Data subject request nearing its deadline"
+    DSR_OVERDUE = "dsr_overdue", "Data subject request overdue"
+    AUDIT_CHAIN_BROKEN = "audit_chain_broken", "Audit chain broken"
+    BACKUP_STALE = "backup_stale", "Newest backup older than the recovery point objective"
+    RETENTION_FAILED = "retention_failed", "Retention job failed"
+    EXPORT_VOLUME = "export_volume", "Unusual export volume"
+    SOD_CONFLICT = "sod_conflict", "Segregation-of-duties conflict"
+    NO_CONSENT = "no_consent", "Processing without consent"
+
+
+class ViolationSeverity(models.TextChoices):
+    WARNING = "warning", "Warning"
+    CRITICAL = "critical", "Critical"
+
+
+class ViolationStatus(models.TextChoices):
+    OPEN = "open", "Open"
+    RESOLVED = "resolved", "Resolved"
