@@ -417,3 +417,7 @@ class AuditCheckpointAdmin(ReadOnlyAdmin):
     @admin.display(description="record")
     def record_json(self, checkpoint: AuditCheckpoint) -> str:
         return pretty_json(checkpoint.record)
+
+
+# The compliance officer's pages (DSRs, consent, SOX, retention, reports, violations).
+from compliance import admin_gdpr  # noqa: E402, F401

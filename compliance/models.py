@@ -53,10 +53,11 @@ class AuditEvent(models.Model):
     # personal detail keys) sealed under the data subject's key; the chain hashes this
     # ciphertext, so destroying the key erases the data and leaves the chain intact. Blank on
     # version 1 events, which keep those values in the plain columns above.
-    personal = models.TextField(blank=True, default="")
-    # Keyed blind indexes so exact search still works on sealed personal data.
-    actor_index = models.CharField(max_length=64, blank=True, default="")
-    ip_index = models.CharField(max_length=64, blank=True, default="")
+    personal = models.TextField(blank=True, default="", db_default="")
+    # Keyed blind indexes so exact search still works on sealed personal data. Database
+    # defaults: events are inserted by raw SQL naming only the columns each writer knows.
+    actor_index = models.CharField(max_length=64, blank=True, default="", db_default="")
+    ip_index = models.CharField(max_length=64, blank=True, default="", db_default="")
 
     class Meta:
         ordering = ["-id"]

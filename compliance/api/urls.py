@@ -1,4 +1,4 @@
-from django.urls import path
+from django.urls import include, path
 from rest_framework.routers import DefaultRouter
 
 from compliance.api import views
@@ -23,5 +23,10 @@ urlpatterns = [
         name="audit-public-key",
     ),
     path("audit/log", views.AuditLogViewSet.as_view({"post": "create"}), name="audit-log"),
+    path("", include("compliance.api.gdpr_urls")),
+    path("", include("compliance.api.reports_urls")),
+    path("", include("compliance.api.sox_urls")),
+    path("", include("compliance.api.retention_urls")),
+    path("", include("compliance.api.monitoring_urls")),
     *router.urls,
 ]

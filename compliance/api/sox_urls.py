@@ -1,0 +1,5 @@
+"""SOX routes: change trails (compliance/sox.py) and second approvals (compliance/approvals.py)."""
+
+from django.urls import URLPattern
+
+urlpatterns: list[URLPattern] = []
