@@ -33,7 +33,9 @@ from bridge.admin import (
     truncated,
     utc_column,
 )
+from compliance import approvals
 from compliance.audit import AuditContext
+from compliance.choices import ApprovalAction
 
 STATUS_VARIANTS = {
     BackupStatus.PENDING: "",
@@ -262,12 +264,15 @@ class BackupAdmin(ReadOnlyAdmin):
                     request, "Nothing restored: no component was ticked.", messages.ERROR
                 )
                 return None
+            dry_run = request.POST.get("dry_run") == "on"
+            if not dry_run and approvals.requires_approval(ApprovalAction.LIVE_RESTORE):
+                return self._request_approval(request, backup, chosen)
             try:
                 restore = services.start_restore(
                     backup=backup,
                     context=_context(request),
                     components=chosen or None,
-                    dry_run=request.POST.get("dry_run") == "on",
+                    dry_run=dry_run,
                 )
             except services.BackupRefused as refused:
                 self.message_user(request, str(refused), messages.ERROR)
@@ -291,6 +296,33 @@ class BackupAdmin(ReadOnlyAdmin):
             "opts": self.model._meta,
         }
         return TemplateResponse(request, "backups/restore_confirm.html", context)
+
+    def _request_approval(self, request: HttpRequest, backup: Backup, chosen: list[str]) -> None:
+        """Segregation of duties (SOX): a live restore waits for a second operator."""
+        try:
+            approval = approvals.request_approval(
+                action=ApprovalAction.LIVE_RESTORE,
+                params=services.restore_approval_params(
+                    backup=backup, components=chosen, target_time=None
+                ),
+                reason=f"Live restore of backup {backup.pk} asked from the console",
+                context=_context(request),
+                user=request.user,
+            )
+        except (services.BackupRefused, approvals.ApprovalError) as refused:
+            self.message_user(request, str(refused), messages.ERROR)
+            return
+        url = reverse("admin:compliance_approvalrequest_change", args=[approval.pk])
+        self.message_user(
+            request,
+            format_html(
+                'Nothing restored yet: a second operator must approve <a href="{}">request '
+                "{}</a> (SOX second approval), which then starts the restore.",
+                url,
+                str(approval.pk)[:8],
+            ),
+            messages.WARNING,
+        )
 
     @admin.action(
         description="Delete the selected backups and their copies", permissions=["remove"]

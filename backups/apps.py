@@ -18,3 +18,9 @@ class BackupsConfig(AppConfig):
         # Backups keep their data keys in their own rows: rotate_keys re-wraps them too.
         if services.rewrap_keys not in rotation.REWRAP_HOOKS:
             rotation.register_rewrap(services.rewrap_keys)
+
+        # Segregation of duties: an approved live-restore request is carried out here.
+        from compliance import approvals
+        from compliance.choices import ApprovalAction
+
+        approvals.register_executor(ApprovalAction.LIVE_RESTORE, services.restore_approved)

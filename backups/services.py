@@ -56,8 +56,10 @@ from backups.models import Artifact, Backup, BackupCopy, RestoreJob, WalSegment
 from bridge.choices import JobStatus
 from bridge.jobs import Progress, run_job, start_job
 from bridge.models import Job
+from compliance import approvals
 from compliance.audit import AuditContext, record_event
-from compliance.choices import AuditAction
+from compliance.choices import ApprovalAction, AuditAction
+from compliance.models import ApprovalRequest
 from compliance.redaction import redact
 
 log = logging.getLogger(__name__)
@@ -849,9 +851,12 @@ def start_restore(
     target_time: datetime | None = None,
     dry_run: bool = False,
     enqueue: bool = True,
+    approval: ApprovalRequest | None = None,
 ) -> RestoreJob:
     """Restore a backup (its chain) onto the live system: a job; refused before it starts when
-    the backup cannot be restored as asked."""
+    the backup cannot be restored as asked. With SOX_REQUIRE_SECOND_APPROVAL on, a live (not
+    dry-run) restore needs `approval`: an approved request for this backup, by a second user
+    (compliance/approvals.py; `restore_approved` is how an approval carries it out)."""
     return _start(
         backup=backup,
         context=context,
@@ -860,7 +865,62 @@ def start_restore(
         target_time=target_time,
         dry_run=dry_run,
         enqueue=enqueue,
+        approval=approval,
     )
+
+
+def check_restore(
+    *, backup: Backup, components: list[str] | None, target_time: datetime | None
+) -> list[str]:
+    """The components a restore of `backup` as asked would restore; BackupRefused when it
+    cannot be (checked before a restore is started, or asked for approval)."""
+    if backup.status != BackupStatus.SUCCEEDED:
+        raise BackupRefused(
+            f"Backup {backup.pk} is {backup.status}: only a successful backup can be restored.",
+            "not_restorable",
+        )
+    available = _restorable_components(backup)
+    chosen = _components(components) if components else available
+    missing = [name for name in chosen if name not in available]
+    if missing:
+        entry = backup.manifest.get(missing[0]) or {}
+        why = entry.get("reason") or "not requested when it was taken"
+        raise BackupRefused(
+            f"Backup {backup.pk} has no {missing[0]} ({why}).", "component_absent", "components"
+        )
+    if target_time is not None:
+        _check_target_time(backup, chosen, target_time)
+    return chosen
+
+
+def restore_approval_params(
+    *, backup: Backup, components: list[str] | None, target_time: datetime | None
+) -> dict[str, Any]:
+    """What an approval request for a live restore records (checked restorable first)."""
+    check_restore(backup=backup, components=components, target_time=target_time)
+    return {
+        "backup_id": str(backup.pk),
+        "components": list(components) if components else None,
+        "target_time": target_time.isoformat() if target_time else None,
+    }
+
+
+def restore_approved(approval: ApprovalRequest, context: AuditContext) -> dict[str, Any]:
+    """Carry out an approved live restore (the executor compliance.approvals calls, in the
+    approval's transaction): the restore job is queued once that commits."""
+    params = approval.params
+    backup = Backup.objects.filter(pk=params.get("backup_id")).first()
+    if backup is None:
+        raise BackupRefused(f"Backup {params.get('backup_id')} is gone.", "not_restorable")
+    target = params.get("target_time")
+    restore = start_restore(
+        backup=backup,
+        context=context,
+        components=params.get("components") or None,
+        target_time=datetime.fromisoformat(target) if target else None,
+        approval=approval,
+    )
+    return {"restore_id": restore.pk, "job_id": restore.job_id, "backup_id": str(backup.pk)}
 
 
 def start_drill(
@@ -890,24 +950,20 @@ def _start(
     target_time: datetime | None,
     dry_run: bool,
     enqueue: bool,
+    approval: ApprovalRequest | None = None,
 ) -> RestoreJob:
     reap_backups()
-    if backup.status != BackupStatus.SUCCEEDED:
-        raise BackupRefused(
-            f"Backup {backup.pk} is {backup.status}: only a successful backup can be restored.",
-            "not_restorable",
-        )
-    available = _restorable_components(backup)
-    chosen = _components(components) if components else available
-    missing = [name for name in chosen if name not in available]
-    if missing:
-        entry = backup.manifest.get(missing[0]) or {}
-        why = entry.get("reason") or "not requested when it was taken"
-        raise BackupRefused(
-            f"Backup {backup.pk} has no {missing[0]} ({why}).", "component_absent", "components"
-        )
-    if target_time is not None:
-        _check_target_time(backup, chosen, target_time)
+    chosen = check_restore(backup=backup, components=components, target_time=target_time)
+    live = kind == RestoreKind.RESTORE and not dry_run
+    approval_id = None
+    if live:
+        # Segregation of duties: refused here, whoever calls, without a second approval.
+        try:
+            approval_id = approvals.authorise(
+                ApprovalAction.LIVE_RESTORE, approval, backup_id=str(backup.pk)
+            )
+        except approvals.ApprovalError as exc:
+            raise BackupRefused(str(exc), exc.code) from exc
     with transaction.atomic():
         _catalog_lock()
         if not Backup.objects.filter(pk=backup.pk, status=BackupStatus.SUCCEEDED).exists():
@@ -956,6 +1012,9 @@ def _start(
                 "target_time": target_time.isoformat() if target_time else None,
                 "dry_run": dry_run,
                 "job": job.pk,
+                "approval": approval_id,
+                "second_approval_required": live
+                and approvals.requires_approval(ApprovalAction.LIVE_RESTORE),
             },
         )
     return restore
@@ -1205,7 +1264,32 @@ def _restore(restore: RestoreJob, meter: _Meter) -> dict[str, Any]:
         )
         # A live database restore holds the job table's lock until it commits: beat at once.
         meter.stage(f"restored {unit.name}")
-    return {"ok": True, "units": results, "restored": sorted(results)}
+    summary = {"ok": True, "units": results, "restored": sorted(results)}
+    if any(_is_own_database(unit) for _, unit, _, _ in plan):
+        meter.stage("applying recorded erasures again")
+        summary["erasures_reapplied"] = _reapply_erasures()
+    return summary
+
+
+def _is_own_database(unit: Unit) -> bool:
+    from backups.components.database import OWN_UNIT
+
+    return unit.component == Component.DATABASE and unit.name == OWN_UNIT
+
+
+def _reapply_erasures() -> int:
+    """GDPR erasures made since the backup was taken came back with it: run every recorded
+    erasure again at once (the erasure log itself is kept through the restore)."""
+    from compliance import dsr
+
+    try:
+        return dsr.reapply_erasures(context=AuditContext.system())
+    except Exception as exc:
+        raise ComponentError(
+            "the database was restored, but the recorded GDPR erasures could not be applied "
+            f"again ({type(exc).__name__}: {exc}); run `python manage.py reapply_erasures`",
+            "erasures_not_reapplied",
+        ) from exc
 
 
 def overwrite_text(component: str, unit_name: str = "") -> str:

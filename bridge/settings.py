@@ -313,6 +313,18 @@ SPECTACULAR_SETTINGS = {
         # recovery's kind field documents its values only (no labels): named by them.
         "ServiceKindEnum": ["postgres", "redis", "rabbitmq", "celery", "http", "tcp"],
         "JobStatusEnum": "bridge.choices.JobStatus",
+        "DsrTypeEnum": "compliance.choices.DsrType",
+        "DsrStatusEnum": "compliance.choices.DsrStatus",
+        "ReportTypeEnum": "compliance.choices.ReportType",
+        "ReportFormatEnum": "compliance.choices.ReportFormat",
+        "ApprovalStatusEnum": "compliance.choices.ApprovalStatus",
+        "ApprovalActionEnum": "compliance.choices.ApprovalAction",
+        "ViolationStatusEnum": "compliance.choices.ViolationStatus",
+        "ViolationRuleEnum": "compliance.choices.ViolationRule",
+        "ViolationSeverityEnum": "compliance.choices.ViolationSeverity",
+        "RetentionCategoryEnum": "compliance.choices.RetentionCategory",
+        "SoxOperationEnum": "compliance.choices.SoxOperation",
+        "ConsentMethodEnum": "compliance.choices.ConsentMethod",
     },
     # Every refusal an operation can give is documented (401, 403, 400, 404, 500, 503...),
     # not only those a view names: the schema fuzz test holds every response to it.
@@ -474,6 +486,8 @@ DSR_REMINDER_DAYS = env_int("DSR_REMINDER_DAYS", 7, minimum=1)
 DSR_EXPORT_DIR = Path(env_str("DSR_EXPORT_DIR", str(VAR_DIR / "dsr-exports")))
 DSR_EXPORT_TTL_DAYS = env_int("DSR_EXPORT_TTL_DAYS", 30, minimum=1)
 # Purposes consent can be given for (PUT /api/compliance/gdpr/consent/{subject_id}).
+# The controller named in consent receipts and data subject exports.
+GDPR_CONTROLLER = env_str("GDPR_CONTROLLER", "Bridge")
 GDPR_CONSENT_PURPOSES = env_list(
     "GDPR_CONSENT_PURPOSES", "marketing,analytics,personalisation,third_party_sharing"
 )

@@ -2,6 +2,7 @@ import ipaddress
 from typing import Any
 
 from django.contrib import admin
+from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db.models import Q, QuerySet
@@ -21,7 +22,7 @@ from bridge.admin import (
     utc_column,
 )
 from bridge.choices import JobStatus
-from compliance import chain, verification
+from compliance import chain, personal, verification
 from compliance.audit import AuditContext
 from compliance.choices import AuditAction, CheckpointStatus, VerificationSource
 from compliance.models import AuditCheckpoint, AuditEvent, AuditVerification
@@ -108,6 +109,28 @@ def _latest_completed_run() -> AuditVerification | None:
     )
 
 
+def _revealed(event: AuditEvent) -> personal.Revealed:
+    """The event's personal data as shown: revealed once per event (a page's events share one
+    Revealer, see RevealingChangeList)."""
+    shown = getattr(event, "_revealed", None)
+    if shown is None:
+        shown = event._revealed = personal.revealed(event)
+    return shown
+
+
+class RevealingChangeList(ChangeList):
+    """Reveals a page's events with one Revealer, so each subject key is unwrapped once per
+    page rather than once per row and column."""
+
+    def get_results(self, request: HttpRequest) -> None:
+        super().get_results(request)
+        revealer = personal.Revealer()
+        page = list(self.result_list)
+        for event in page:
+            event._revealed = revealer.event(event)
+        self.result_list = page
+
+
 def chain_standing(event: AuditEvent) -> tuple[str, str]:
     """Where the event stands in the hash chain, in words, with its label colour.
 
@@ -154,7 +177,10 @@ class AuditEventAdmin(ReadOnlyAdmin):
     # Exact, case-sensitive matches on indexed columns (see get_search_results); the request
     # id is searchable though not a column (a 32-character column would not fit).
     search_fields = ("actor_username", "request_id", "client_ip")
-    search_help_text = "Exact username, request id or client IP."
+    search_help_text = (
+        "Exact username, request id or client IP (sealed ones are found by their blind index; "
+        "an erased subject's events are no longer found by name)."
+    )
     list_select_related = ("seal",)
     show_full_result_count = False
     paginator = ChainHeadPaginator
@@ -168,10 +194,11 @@ class AuditEventAdmin(ReadOnlyAdmin):
                     "id",
                     "occurred",
                     "action",
-                    "actor_username",
+                    "actor_shown",
                     "actor_id",
                     "object_type",
                     "object_id",
+                    "personal_state",
                 )
             },
         ),
@@ -183,7 +210,7 @@ class AuditEventAdmin(ReadOnlyAdmin):
                     "path",
                     "status_code",
                     "latency_ms",
-                    "client_ip",
+                    "ip_shown",
                     "request_id",
                 )
             },
@@ -216,21 +243,27 @@ class AuditEventAdmin(ReadOnlyAdmin):
         self, request: HttpRequest, queryset: QuerySet, search_term: str
     ) -> tuple[QuerySet, bool]:
         # Django's own search is case-insensitive (UPPER(col) = UPPER(term)), which no index
-        # serves: at a million events that was half a second per page.
-        term = search_term.strip()
+        # serves: at a million events that was half a second per page. Every match is exact
+        # ("=alice" is taken as "alice"); sealed actors and addresses (hash version 2) are
+        # found through their blind indexes, version 1 events through the plain columns.
+        term = search_term.strip().removeprefix("=").strip()
         if not term:
             return queryset, False
-        match = Q(actor_username=term) | Q(request_id=term)
+        match = personal.actor_match(term) | Q(request_id=term)
         try:
             ipaddress.ip_address(term)
-            match |= Q(client_ip=term)
+            match |= personal.ip_match(term)
         except ValueError:
             pass
         return queryset.filter(match), False
 
-    @admin.display(description="actor", ordering="actor_username")
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[ChangeList]:
+        return RevealingChangeList
+
+    @admin.display(description="actor")
     def actor(self, event: AuditEvent) -> str:
-        return truncated(event.actor_username, 16) if event.actor_username else "-"
+        name = _revealed(event).actor_username
+        return truncated(name, 16) if name else "-"
 
     @admin.display(description="action", ordering="action")
     def action_name(self, event: AuditEvent) -> str:
@@ -253,9 +286,29 @@ class AuditEventAdmin(ReadOnlyAdmin):
         # Whole milliseconds: the decimals the column stores are noise at a glance.
         return f"{event.latency_ms:.0f} ms" if event.latency_ms >= 1 else "<1 ms"
 
-    @admin.display(description="client IP", ordering="client_ip")
+    @admin.display(description="client IP")
     def ip(self, event: AuditEvent) -> str:
-        return truncated(event.client_ip or "", 15) if event.client_ip else "-"
+        address = _revealed(event).client_ip
+        return truncated(address, 15) if address else "-"
+
+    @admin.display(description="actor")
+    def actor_shown(self, event: AuditEvent) -> str:
+        return _revealed(event).actor_username or "-"
+
+    @admin.display(description="client IP")
+    def ip_shown(self, event: AuditEvent) -> str:
+        return _revealed(event).client_ip or "-"
+
+    @admin.display(description="personal data")
+    def personal_state(self, event: AuditEvent) -> str:
+        shown = _revealed(event)
+        if shown.problem:
+            return label(f"UNREADABLE ({shown.problem}): altered, or its key is missing", "danger")
+        if shown.erased:
+            return label("erased: the data subject's key was destroyed", "warning")
+        if event.personal:
+            return label("sealed under the data subject's key (hash version 2)", "success")
+        return "not sealed (plain columns)"
 
     @admin.display(description="seq")
     def seal_seq(self, event: AuditEvent) -> str:
@@ -290,7 +343,7 @@ class AuditEventAdmin(ReadOnlyAdmin):
 
     @admin.display(description="details")
     def details_json(self, event: AuditEvent) -> str:
-        return pretty_json(event.details)
+        return pretty_json(_revealed(event).details)
 
 
 @admin.register(AuditVerification)

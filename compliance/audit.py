@@ -15,11 +15,13 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from django.conf import settings
 from django.db import connection, transaction
 from django.http import HttpRequest
 from django.utils import timezone
 
 from compliance.models import AuditEvent
+from compliance.personal import seal_event
 from compliance.proof import canonical_json
 from compliance.redaction import redact
 from security.ip import client_ip
@@ -42,7 +44,14 @@ _INSERT_COLUMNS = (
     "status_code",
     "latency_ms",
     "details",
+    # Hash version 2: the sealed personal data and its blind indexes (compliance.personal).
+    "personal",
+    "actor_index",
+    "ip_index",
 )
+
+
+_TOO_DEEP = {"unrecorded": "details nested too deeply"}
 
 
 def _authenticated(user: Any) -> bool:
@@ -200,11 +209,38 @@ def event_values(
     `mask` names extra detail keys the caller knows to be secret.
     """
     who = context if context is not None else AuditContext.current()
+    actor_username = _clean_text(who.actor_username, 150)
+    client = who.client_ip
+    try:
+        details_data = redact(details or {}, mask=mask)
+    except RecursionError:
+        details_data = _TOO_DEEP
+    personal = actor_index = ip_index = ""
+    if settings.AUDIT_PERSONAL_DATA:
+        # The actor, the client IP and personal detail keys sealed under the data subject's
+        # key: erasable by destroying the key, while the chain hashes the ciphertext
+        # (compliance.personal).
+        try:
+            sealed = seal_event(
+                actor_username=actor_username, client_ip=client, details=details_data
+            )
+        except RecursionError:
+            sealed = seal_event(actor_username=actor_username, client_ip=client, details=_TOO_DEEP)
+        actor_username, client, details_data = (
+            sealed.actor_username,
+            sealed.client_ip,
+            sealed.details,
+        )
+        personal, actor_index, ip_index = sealed.personal, sealed.actor_index, sealed.ip_index
+    try:
+        details_text = canonical_json(details_data)
+    except RecursionError:
+        details_text = canonical_json(_TOO_DEEP)
     return (
         connection.ops.adapt_datetimefield_value(occurred_at or timezone.now()),
         who.actor_id,
-        _clean_text(who.actor_username, 150),
-        who.client_ip,
+        actor_username,
+        client,
         _clean_text(who.request_id, 64),
         _clean_text(action, 64),
         _clean_text(object_type, 100),
@@ -213,15 +249,11 @@ def event_values(
         _clean_text(path, 500),
         status_code,
         None if latency_ms is None else round(latency_ms, 3),
-        _details_text(details, mask),
+        details_text,
+        personal,
+        actor_index,
+        ip_index,
     )
-
-
-def _details_text(details: dict | None, mask: Iterable[str]) -> str:
-    try:
-        return canonical_json(redact(details or {}, mask=mask))
-    except RecursionError:
-        return canonical_json({"unrecorded": "details nested too deeply"})
 
 
 def insert_event_rows(rows: list[tuple]) -> None:

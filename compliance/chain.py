@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 GENESIS_HASH = proof.GENESIS_HASH
 HASH_VERSIONS = proof.HASH_VERSIONS
 CURRENT_HASH_VERSION = proof.CURRENT_HASH_VERSION
+PERSONAL_HASH_VERSION = proof.PERSONAL_HASH_VERSION
 UnknownHashVersion = proof.UnknownHashVersion
 canonical_json = proof.canonical_json
 _EVENT_FIELDS = proof.EVENT_FIELDS
@@ -50,6 +51,32 @@ def event_hash(fields: dict[str, Any], version: int = CURRENT_HASH_VERSION) -> s
     if version > 1:
         payload["hash_version"] = version
     return hashlib.sha256(canonical_json(payload).encode("utf-8")).hexdigest()
+
+
+def current_hash_version() -> int:
+    """The version events without sealed personal data are sealed with: the personal data
+    version while AUDIT_PERSONAL_DATA is on, version 1 (as before it existed) when it is off."""
+    return PERSONAL_HASH_VERSION if settings.AUDIT_PERSONAL_DATA else 1
+
+
+# Where the personal data columns are in `_EVENT_FIELDS` rows.
+_PERSONAL_AT = tuple(_EVENT_FIELDS.index(name) for name in proof.PERSONAL_COLUMNS)
+
+
+def seal_version(row: tuple, default: int) -> int:
+    """The hash version to seal an `_EVENT_FIELDS` row with.
+
+    Decided per row, by what the row holds rather than by the setting alone: a row whose
+    personal data was sealed (any of its ciphertext or blind indexes set) is always sealed with
+    the personal data version, even if AUDIT_PERSONAL_DATA was switched off since it was
+    written, as version 1 would leave those columns outside the hash. Any other row (written
+    before the switch, anonymous, or with the setting off) gets `default`: every version
+    covers all of its columns, which are then blank or plain.
+    """
+    for index in _PERSONAL_AT:
+        if row[index]:
+            return PERSONAL_HASH_VERSION
+    return default
 
 
 def row_hasher(version: int, columns: tuple[str, ...]) -> Callable[[tuple], str]:
@@ -112,10 +139,11 @@ def seal_pending_events(*, batch: int | None = None, sweep: bool = False) -> int
                 head.save(update_fields=["stragglers_checked_at"])
             return 0
         seq, prev = head.last_seq, head.last_hash
-        version = CURRENT_HASH_VERSION
+        default = current_hash_version()
         seals = []
         for row in pending:
             seq += 1
+            version = seal_version(row, default)
             fields = dict(zip(_EVENT_FIELDS, row, strict=True))
             fields.update(seq=seq, prev_hash=prev)
             prev = event_hash(fields, version)

@@ -26,6 +26,7 @@ from compliance.chain import chain_head
 from compliance.checkpoints import all_copies, signed_by, sink_rotations
 from compliance.choices import AuditAction
 from compliance.models import AuditSeal
+from compliance.retention import kept_floor
 from compliance.sinks import configured_sinks
 from compliance.verification import PROGRESS_EVERY, canonical_rows
 
@@ -78,6 +79,25 @@ def _base_checkpoint(first_seq: int) -> dict | None:
     return base
 
 
+def _checkpoint_signing(seq: int) -> dict | None:
+    """The first checkpoint in a sink, signed by a trusted key, that signs the hash at `seq`,
+    as its own seq or as a waypoint (where a retention purge cut the chain)."""
+    from security.keys import trusted_keys
+
+    sinks = configured_sinks()
+    ring = trusted_keys(sink_rotations(sinks))
+    for copy in all_copies(sinks, []):
+        record = copy.record
+        if copy.source == proof.DATABASE or not isinstance(record, dict):
+            continue
+        if record.get("number") != copy.number or not signed_by(record, ring):
+            continue
+        points = record.get("waypoints") or []
+        if record.get("seq") == seq or any(isinstance(p, list) and p[:1] == [seq] for p in points):
+            return record
+    return None
+
+
 def _copies_from(
     base_number: int, end: datetime | None
 ) -> Callable[[], Iterator[proof.CheckpointCopy]]:
@@ -113,11 +133,17 @@ def export_audit(
 
     out = Path(out)
     first_seq, last_seq = _seq_bounds(start, end)
+    floor = kept_floor()
+    first_seq = max(first_seq, floor)
     if first_seq > 1:
         # Start right after the last signed checkpoint before the range (from the first event
         # when there is none): the verifier begins at its signed hash, trusting nothing else.
         base = _base_checkpoint(first_seq)
         first_seq = base["seq"] + 1 if base else 1
+        if first_seq < floor:
+            # The events before `floor` were purged (compliance.retention): start where the
+            # purge cut the chain, at the hash a checkpoint signs there (its own or a waypoint).
+            base, first_seq = _checkpoint_signing(floor - 1), floor
     else:
         base = None
     first_checkpoint = base["number"] if base else 1

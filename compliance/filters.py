@@ -4,9 +4,12 @@ from typing import Any
 
 from django import forms
 from django.core.exceptions import ValidationError
+from django.core.validators import validate_ipv46_address
+from django.db.models import QuerySet
 from django_filters import rest_framework as filters
 from django_filters.fields import IsoDateTimeField
 
+from compliance import personal
 from compliance.choices import CheckpointStatus
 from compliance.models import AuditCheckpoint, AuditEvent
 
@@ -58,7 +61,18 @@ class AuditEventFilter(filters.FilterSet):
     """The audit event list's filters; each one is served by an index."""
 
     actor = filters.CharFilter(
-        field_name="actor_username", max_length=150, help_text="Exact username of the actor."
+        method="filter_actor",
+        max_length=150,
+        help_text=(
+            "Exact username of the actor (found through the blind index where the event's "
+            "personal data is sealed; an erased subject's events are no longer found)."
+        ),
+    )
+    ip = filters.CharFilter(
+        method="filter_ip",
+        max_length=45,
+        validators=[validate_ipv46_address],
+        help_text="Exact client IP address (through the blind index where it is sealed).",
     )
     action = filters.CharFilter(max_length=64, help_text="Exact action, e.g. api.request.")
     to = UTCDateTimeFilter(
@@ -69,6 +83,12 @@ class AuditEventFilter(filters.FilterSet):
         model = AuditEvent
         fields: list[str] = []
         form = AuditEventFilterForm
+
+    def filter_actor(self, queryset: QuerySet, name: str, value: str) -> QuerySet:
+        return queryset.filter(personal.actor_match(value))
+
+    def filter_ip(self, queryset: QuerySet, name: str, value: str) -> QuerySet:
+        return queryset.filter(personal.ip_match(value))
 
     @property
     def is_filtering(self) -> bool:

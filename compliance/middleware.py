@@ -14,6 +14,7 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from rest_framework.exceptions import APIException
 
+from compliance import sox
 from compliance.audit import AuditContext, current_request, event_values, record_event
 from compliance.choices import AuditAction
 from compliance.writer import writer
@@ -102,7 +103,11 @@ class AuditMiddleware:
         started = time.perf_counter()
         token = current_request.set(request)
         try:
-            response = self.get_response(request)
+            # SOX change trails: the request's actor, id and X-Change-Reason go into the
+            # database session before its first write (the user is known only once DRF has
+            # authenticated, inside the view) and are cleared when it ends (compliance/sox.py).
+            with sox.request_context(request):
+                response = self.get_response(request)
         finally:
             current_request.reset(token)
         if audited:

@@ -44,13 +44,38 @@ _HASHED_FIELDS = (
     "details",
     "prev_hash",
 )
-# The fields each hash version covers. A later version (the compliance issue will move personal
-# data out of the hashed fields) is added here; every seal keeps the version it was made with,
-# and verification recomputes each seal with its own, so old seals stay valid.
-HASH_VERSIONS: dict[int, tuple[str, ...]] = {1: _HASHED_FIELDS}
-CURRENT_HASH_VERSION = 1
-# Every column of an event any version hashes (the seal supplies seq and prev_hash).
-EVENT_FIELDS = tuple(name for name in _HASHED_FIELDS if name not in ("seq", "prev_hash"))
+# Version 2 (personal data sealed under the data subject's key, compliance.personal): the
+# ciphertext and the two blind indexes join every column version 1 covers. The plain actor and
+# client IP stay covered: they are blank where the personal data is sealed, and hold the values
+# of an anonymous event (its client IP) or of an event recorded before the switch, so no column
+# of any row escapes the hash whichever way it was written.
+_PERSONAL_FIELDS = (
+    *_HASHED_FIELDS[:-1],
+    "personal",
+    "actor_index",
+    "ip_index",
+    "prev_hash",
+)
+# The fields each hash version covers; every seal keeps the version it was made with, and
+# verification recomputes each seal with its own, so old seals stay valid. From version 2 on the
+# version number itself is hashed too.
+HASH_VERSIONS: dict[int, tuple[str, ...]] = {1: _HASHED_FIELDS, 2: _PERSONAL_FIELDS}
+# The version that seals personal data; the newest there is.
+PERSONAL_HASH_VERSION = 2
+CURRENT_HASH_VERSION = PERSONAL_HASH_VERSION
+# Every column of an event any version hashes (the seal supplies seq and prev_hash), in the
+# order of their first appearance.
+EVENT_FIELDS = tuple(
+    dict.fromkeys(
+        name
+        for version in sorted(HASH_VERSIONS)
+        for name in HASH_VERSIONS[version]
+        if name not in ("seq", "prev_hash")
+    )
+)
+# The columns that hold an event's sealed personal data: a row with any of them set is sealed
+# with a version that covers them (never version 1).
+PERSONAL_COLUMNS = ("personal", "actor_index", "ip_index")
 # A row as verification reads it: the seal's columns, then the event's.
 ROW_COLUMNS = ("seq", "prev_hash", "hash", "hash_version", *EVENT_FIELDS)
 _ID_AT = ROW_COLUMNS.index("id")
@@ -180,9 +205,25 @@ def parse_event_line(line: str) -> tuple | None:
 
 
 def text_hasher(version: int) -> Callable[[tuple], str]:
-    """The hash of a row whose last item is the canonical text itself."""
+    """The hash of a row whose last item is the canonical text itself.
+
+    The text is hashed as it is, whatever version its line names; so that the version an
+    export line names can be trusted too, a text that carries another version than its label
+    (from version 2 on the version is one of the hashed keys, version 1 has none) hashes to
+    nothing, and its event is reported as not matching its hash. Keys are sorted and quotes
+    inside strings escaped, so `,"hash_version":` can only be the key itself.
+    """
     sha256 = hashlib.sha256
-    return lambda row: sha256(row[-1].encode("utf-8")).hexdigest()
+    key = ',"hash_version":'
+    label = f"{key}{int(version)}," if version > 1 else None
+
+    def hasher(row: tuple) -> str:
+        text = row[-1]
+        if (label not in text) if label is not None else (key in text):
+            return ""
+        return sha256(text.encode("utf-8")).hexdigest()
+
+    return hasher
 
 
 # --- Keys ---------------------------------------------------------------------------------

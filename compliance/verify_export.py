@@ -89,6 +89,17 @@ def _copies(path: Path) -> Iterator[proof.CheckpointCopy]:
             )
 
 
+def _signed_at(record: dict[str, Any], seq: int) -> str | None:
+    """The hash a checkpoint signs at `seq`, as its own seq or as a waypoint (an export made
+    after a retention purge starts where the purge cut the chain, which may be a waypoint)."""
+    if record.get("seq") == seq and isinstance(record.get("hash"), str):
+        return record["hash"]
+    for point in record.get("waypoints") or []:
+        if isinstance(point, list) and len(point) == 2 and point[0] == seq:
+            return point[1] if isinstance(point[1], str) else None
+    return None
+
+
 def verify_export(path: Path, public_keys: list[Any]) -> Verdict:
     """Check an export against the trusted public keys; raises ExportUnreadable."""
     header = _header(path)
@@ -110,8 +121,8 @@ def verify_export(path: Path, public_keys: list[Any]) -> Verdict:
     start_problem = None
     if first_seq in (None, 1):
         start_seq, start_hash = 1, proof.GENESIS_HASH
-    elif base is not None and base["number"] == first_number and base["seq"] + 1 == first_seq:
-        start_seq, start_hash = first_seq, base["hash"]
+    elif base is not None and base["number"] == first_number and _signed_at(base, first_seq - 1):
+        start_seq, start_hash = first_seq, _signed_at(base, first_seq - 1)
     else:
         start_seq, start_hash = first_seq, proof.GENESIS_HASH
         start_problem = proof.Problem(

@@ -13,7 +13,9 @@ from django.utils.html import format_html
 from unfold.admin import ModelAdmin
 
 from bridge.admin import ReadOnlyAdmin, label, utc_column
+from compliance import approvals
 from compliance.audit import AuditContext
+from compliance.choices import ApprovalAction
 from security import crypto, rotation
 from security.models import DataKey, StoredSecret, SubjectKey, WrappedKey
 
@@ -79,6 +81,30 @@ class DataKeyAdmin(_KeyAdmin):
         permissions=["rotate"],
     )
     def rotate(self, request: HttpRequest, queryset: QuerySet[DataKey]) -> None:
+        if approvals.requires_approval(ApprovalAction.KEY_ROTATION):
+            # Segregation of duties (SOX): a second security officer approves it first.
+            try:
+                approval = approvals.request_approval(
+                    action=ApprovalAction.KEY_ROTATION,
+                    params={"new_data_keys": True},
+                    reason="Key rotation asked from the console",
+                    context=AuditContext.from_request(request),
+                    user=request.user,
+                )
+            except approvals.ApprovalError as exc:
+                self.message_user(request, str(exc), messages.ERROR)
+                return
+            self.message_user(
+                request,
+                format_html(
+                    'Nothing rotated yet: a second security officer must approve <a href="{}">'
+                    "request {}</a> (SOX second approval), which then rotates the keys.",
+                    reverse("admin:compliance_approvalrequest_change", args=[approval.pk]),
+                    str(approval.pk)[:8],
+                ),
+                messages.WARNING,
+            )
+            return
         try:
             summary = rotation.rotate_keys(context=AuditContext.from_request(request))
         except crypto.CryptoError as exc:

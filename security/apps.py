@@ -16,3 +16,10 @@ class SecurityConfig(AppConfig):
         check_threat_settings()
         observe_audit_trail()  # failed logins, token reuse, decryptions and exports are scored
         check_required_roles()
+
+        # Segregation of duties: an approved key-rotation request is carried out here.
+        from compliance import approvals
+        from compliance.choices import ApprovalAction
+        from security.rotation import rotate_approved
+
+        approvals.register_executor(ApprovalAction.KEY_ROTATION, rotate_approved)

@@ -20,8 +20,10 @@ from django.db.models import Max
 
 from bridge.jobs import Progress, start_job
 from bridge.models import Job
+from compliance import approvals
 from compliance.audit import AuditContext, record_event
-from compliance.choices import AuditAction
+from compliance.choices import ApprovalAction, AuditAction
+from compliance.models import ApprovalRequest
 from security import crypto
 from security.choices import REENCRYPT_JOB_KIND
 from security.fields import EncryptedTextField, encrypted_fields
@@ -42,14 +44,23 @@ def register_rewrap(hook: Callable[[], int]) -> Callable[[], int]:
 
 
 def rotate_keys(
-    *, context: AuditContext, new_data_keys: bool = True, enqueue: bool = True
+    *,
+    context: AuditContext,
+    new_data_keys: bool = True,
+    enqueue: bool = True,
+    approval: ApprovalRequest | None = None,
 ) -> dict[str, Any]:
     """Re-wrap every live data key under the current master key and (by default) start a new
     version of every purpose key; then a job re-encrypts stored values under the new versions.
 
     One transaction: a failure to unwrap any key (a master key this process lacks) rolls it all
     back and names the key, so the table never holds a mix made by a half-finished rotation.
+    With SOX_REQUIRE_SECOND_APPROVAL on it needs `approval` (an approved request by a second
+    user, compliance/approvals.py), else approvals.ApprovalRequired is raised.
     """
+    approval_id = approvals.authorise(
+        ApprovalAction.KEY_ROTATION, approval, new_data_keys=new_data_keys
+    )
     master_id, _ = crypto.master_key()
     keyring = crypto.master_keys()
     with transaction.atomic():
@@ -109,7 +120,13 @@ def rotate_keys(
             context=context,
             object_type="security.datakey",
             object_id=master_id,
-            details=summary,
+            details={
+                **summary,
+                "approval": approval_id,
+                "second_approval_required": approvals.requires_approval(
+                    ApprovalAction.KEY_ROTATION
+                ),
+            },
         )
     crypto.forget_keys()
     log.warning(
@@ -120,6 +137,22 @@ def rotate_keys(
         job.pk,
     )
     return summary
+
+
+def rotate_approved(approval: ApprovalRequest, context: AuditContext) -> dict[str, Any]:
+    """Carry out an approved key rotation (the executor compliance.approvals calls, in the
+    approval's transaction); the re-encryption job is queued once that commits."""
+    summary = rotate_keys(
+        context=context,
+        new_data_keys=bool(approval.params.get("new_data_keys", True)),
+        approval=approval,
+    )
+    return {
+        "job_id": summary["job_id"],
+        "master_key_id": summary["master_key_id"],
+        "rewrapped": summary["rewrapped"],
+        "new_data_keys": summary["new_data_keys"],
+    }
 
 
 def _current_ids() -> dict[str, str]:

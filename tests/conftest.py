@@ -114,6 +114,22 @@ def _patch_flush() -> None:
 
     DatabaseOperations.execute_sql_flush = execute_sql_flush
 
+    # SQLite empties tables row by row: the SOX change triggers would record every deleted
+    # row into the (already emptied) change table. PostgreSQL's TRUNCATE fires no row triggers.
+    from django.db.backends.sqlite3 import base as sqlite_base
+
+    SQLiteOperations = sqlite_base.DatabaseOperations
+
+    original_sqlite = SQLiteOperations.execute_sql_flush
+
+    def execute_sqlite_flush(self: SQLiteOperations, sql_list: list[str]) -> None:
+        from compliance import sox
+
+        with sox.capture_paused():
+            original_sqlite(self, sql_list)
+
+    SQLiteOperations.execute_sql_flush = execute_sqlite_flush
+
 
 _patch_flush()
 
@@ -231,6 +247,13 @@ def _no_required_otp(settings) -> None:
 
 
 @pytest.fixture(autouse=True)
+def _second_approval(request, settings) -> None:
+    """Segregation of duties (SOX second approval) only where a test is marked `sod`: the
+    other tests restore backups and rotate keys as one user."""
+    settings.SOX_REQUIRE_SECOND_APPROVAL = request.node.get_closest_marker("sod") is not None
+
+
+@pytest.fixture(autouse=True)
 def _no_rate_limits(settings) -> None:
     """Tests send hundreds of requests from one address; the limiter's own tests switch it on."""
     settings.ENABLE_DDOS_PROTECTION = False
@@ -241,6 +264,9 @@ def checkpoint_dir(settings, tmp_path, _test_signing_key_file) -> Path:
     """Each test writes its checkpoints to a directory sink of its own."""
     settings.AUDIT_SIGNING_KEY_FILE = _test_signing_key_file
     settings.AUDIT_CHECKPOINT_DIR = tmp_path / "checkpoints"
+    # Reports and DSR exports too: never var/.
+    settings.REPORT_DIR = tmp_path / "reports"
+    settings.DSR_EXPORT_DIR = tmp_path / "dsr-exports"
     return settings.AUDIT_CHECKPOINT_DIR
 
 

@@ -87,6 +87,7 @@ def test_a_compliance_officer_sees_the_compliance_panel_but_not_the_security_one
     assert shown_keys(client) == {
         "compliance",
         "compliance-checkpoints",
+        "compliance-gdpr",
         "recovery",
         "platform",
         "threats",

@@ -15,7 +15,12 @@ from typing import Any, ClassVar
 
 from django.db.models import QuerySet
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    PolymorphicProxySerializer,
+    extend_schema,
+    inline_serializer,
+)
 from rest_framework import serializers, status
 from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.request import Request
@@ -37,6 +42,9 @@ from bridge.api import (
     has_body,
 )
 from bridge.models import Job
+from compliance import approvals
+from compliance.api.sox_views import AwaitingApprovalSerializer, awaiting_approval, change_reason
+from compliance.choices import ApprovalAction
 
 
 class ComponentsField(serializers.ListField):
@@ -234,6 +242,13 @@ class RestoreRequest(serializers.Serializer):
     )
     dry_run = StrictBooleanField(
         required=False, default=False, help_text="Verify and say what would be overwritten."
+    )
+    reason = StrictCharField(
+        required=False,
+        allow_blank=True,
+        max_length=2000,
+        help_text="Why (kept with the second-approval request a live restore needs under SOX; "
+        "else the X-Change-Reason header).",
     )
 
 
@@ -446,12 +461,42 @@ class BackupViewSet(BridgeViewSet):
         tags=["backup"],
         summary="Restore a backup (its chain) onto the live system, or PostgreSQL to a time",
         parameters=[BACKUP_ID],
+        description=(
+            "With SOX_REQUIRE_SECOND_APPROVAL on, a live (not dry-run) restore is not started: "
+            "the answer is an approval request (status awaiting_approval, Location: the "
+            "request) that a second user with backups.restore_backup approves at "
+            "/api/compliance/approvals/{id}/approve, which starts the restore."
+        ),
         request=RestoreRequest,
-        responses={202: StartedRestoreSerializer, 409: ErrorSerializer},
+        responses={
+            202: PolymorphicProxySerializer(
+                component_name="RestoreStartedOrAwaitingApproval",
+                serializers=[StartedRestoreSerializer, AwaitingApprovalSerializer],
+                resource_type_field_name=None,
+            ),
+            409: ErrorSerializer,
+        },
     )
     def restore(self, request: Request, backup_id: Any) -> Response:
         backup = _backup(backup_id)
         body = _body(request, RestoreRequest)
+        if not body["dry_run"] and approvals.requires_approval(ApprovalAction.LIVE_RESTORE):
+            try:
+                params = services.restore_approval_params(
+                    backup=backup,
+                    components=body.get("components"),
+                    target_time=body.get("target_time"),
+                )
+            except services.BackupRefused as refused:
+                return _refused(refused)
+            return awaiting_approval(
+                request,
+                action=ApprovalAction.LIVE_RESTORE,
+                params=params,
+                reason=change_reason(
+                    request, body.get("reason"), f"Live restore of backup {backup.pk}"
+                ),
+            )
         try:
             restore = services.start_restore(
                 backup=backup,

@@ -92,7 +92,13 @@ DEFAULT_LOCK_TIMEOUT = timedelta(seconds=5)
 # - the data-subject keys: never in a dump, so restoring would empty them and make every
 #   subject's data unreadable; erasures made since stay final;
 # - django_migrations: the schema is not rewound (the preflight requires the same migrations),
-#   so the record of it stays as it is.
+#   so the record of it stays as it is;
+# - GDPR records: the erasure log (compliance.dsr.reapply_erasures runs every erasure again
+#   on the restored rows right after the restore), data-subject requests and their deadlines,
+#   consent given or withdrawn since (a withdrawal must not be undone) and the notices it was
+#   given against;
+# - SOX records: the change trail (evidence, append-only) and the second-approval requests,
+#   among them the one that approved this very restore.
 PRESERVED_MODELS: tuple[str, ...] = (
     "compliance.AuditEvent",
     "compliance.AuditSeal",
@@ -100,6 +106,12 @@ PRESERVED_MODELS: tuple[str, ...] = (
     "compliance.AuditCheckpoint",
     "bridge.Job",
     "security.SubjectKey",
+    "compliance.ErasureRecord",
+    "compliance.DataSubjectRequest",
+    "compliance.ConsentEvent",
+    "compliance.PrivacyNotice",
+    "compliance.SoxChange",
+    "compliance.ApprovalRequest",
 )
 PRESERVED_APPS: tuple[str, ...] = ("backups",)
 PRESERVED_EXTRA_TABLES: tuple[str, ...] = ("django_migrations",)

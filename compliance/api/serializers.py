@@ -1,14 +1,41 @@
 from datetime import UTC, datetime
 
 from django.utils import timezone
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from bridge.api import StrictCharField, StrictRegexField
 from compliance.models import AuditCheckpoint, AuditEvent, AuditVerification
+from compliance.personal import Revealed, Revealer
+
+
+def _personal_state(event: AuditEvent, shown: Revealed) -> str:
+    if shown.problem:
+        return "unreadable"
+    if shown.erased:
+        return "erased"
+    return "sealed" if event.personal else "plain"
 
 
 class AuditEventSerializer(serializers.ModelSerializer):
-    details = serializers.JSONField(source="details_data", read_only=True)
+    # The actor, client IP and details as revealed: hash version 2 seals them under the data
+    # subject's key, and they read "[erased]" (actor) / null (IP) once that key is destroyed.
+    actor_username = serializers.SerializerMethodField(
+        help_text='Username of the actor ("" anonymous, "[erased]" once the subject is erased).'
+    )
+    client_ip = serializers.SerializerMethodField(
+        help_text="Client IP address (null when unknown or erased)."
+    )
+    details = serializers.SerializerMethodField()
+    personal_data = serializers.SerializerMethodField(
+        help_text=(
+            "plain: recorded in clear (hash version 1, or anonymous); sealed: the actor, client "
+            "IP and personal details are encrypted under the data subject's key and shown "
+            'decrypted; erased: that key was destroyed, the actor reads "[erased]"; '
+            "unreadable: the sealed data was altered or its key is missing."
+        )
+    )
     seq = serializers.IntegerField(read_only=True, allow_null=True)
     prev_hash = serializers.CharField(read_only=True, allow_null=True)
     hash = serializers.CharField(read_only=True, allow_null=True)
@@ -32,23 +59,54 @@ class AuditEventSerializer(serializers.ModelSerializer):
             "status_code",
             "latency_ms",
             "details",
+            "personal_data",
             "prev_hash",
             "hash",
             "sealed",
         ]
         read_only_fields = fields
 
+    def _shown(self, event: AuditEvent) -> Revealed:
+        # Once per event, with one Revealer per serializer: a page's events unwrap each
+        # subject key once.
+        shown = getattr(event, "_revealed", None)
+        if shown is None:
+            revealer = getattr(self, "_revealer", None)
+            if revealer is None:
+                revealer = self._revealer = Revealer()
+            shown = event._revealed = revealer.event(event)
+        return shown
+
+    @extend_schema_field(OpenApiTypes.STR)
+    def get_actor_username(self, event: AuditEvent) -> str:
+        return self._shown(event).actor_username
+
+    @extend_schema_field(serializers.IPAddressField(allow_null=True))
+    def get_client_ip(self, event: AuditEvent) -> str | None:
+        return self._shown(event).client_ip
+
+    @extend_schema_field(OpenApiTypes.OBJECT)
+    def get_details(self, event: AuditEvent) -> dict:
+        return self._shown(event).details
+
+    @extend_schema_field(
+        serializers.ChoiceField(choices=["plain", "sealed", "erased", "unreadable"])
+    )
+    def get_personal_data(self, event: AuditEvent) -> str:
+        return _personal_state(event, self._shown(event))
+
     def to_representation(self, event: AuditEvent) -> dict:
         # Same output as the declared fields, built directly: this list is the busiest read
         # endpoint, and DRF's per-field machinery was most of its CPU time.
         link = event.link
+        shown = self._shown(event)
         return {
             "id": event.id,
             "seq": link.seq if link else None,
             "occurred_at": _iso(event.occurred_at),
             "actor_id": event.actor_id,
-            "actor_username": event.actor_username,
-            "client_ip": event.client_ip,
+            "actor_username": shown.actor_username,
+            "client_ip": shown.client_ip,
             "request_id": event.request_id,
             "action": event.action,
             "object_type": event.object_type,
@@ -57,7 +115,8 @@ class AuditEventSerializer(serializers.ModelSerializer):
             "path": event.path,
             "status_code": event.status_code,
             "latency_ms": event.latency_ms,
-            "details": event.details_data,
+            "details": shown.details,
+            "personal_data": _personal_state(event, shown),
             "prev_hash": link.prev_hash if link else None,
             "hash": link.hash if link else None,
             "sealed": link is not None,

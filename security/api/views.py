@@ -1,13 +1,37 @@
 from typing import ClassVar
 
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import (
+    OpenApiResponse,
+    PolymorphicProxySerializer,
+    extend_schema,
+    inline_serializer,
+)
+from rest_framework import serializers
 from rest_framework.permissions import AllowAny, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from bridge.api import BridgeViewSet, ErrorSerializer, audit_context
-from security import crypto, services
+from bridge.api import (
+    BodyRequiredSchema,
+    BridgeViewSet,
+    ErrorSerializer,
+    JobSerializer,
+    StrictBooleanField,
+    StrictCharField,
+    audit_context,
+    job_url,
+)
+from bridge.models import Job
+from compliance import approvals
+from compliance.api.sox_views import (
+    AwaitingApprovalSerializer,
+    awaiting_approval,
+    change_reason,
+    request_body,
+)
+from compliance.choices import ApprovalAction
+from security import crypto, rotation, services
 from security.api.serializers import (
     DecryptRequestSerializer,
     DecryptResultSerializer,
@@ -163,3 +187,89 @@ class CryptoViewSet(BridgeViewSet):
                 {"detail": str(exc), "code": exc.code, "field": "ciphertext"}, status=400
             )
         return Response({"plaintext": plaintext})
+
+
+class RotateRequest(serializers.Serializer):
+    keep_data_keys = StrictBooleanField(
+        required=False,
+        default=False,
+        help_text="Only re-wrap under the master key; no new data key versions.",
+    )
+    reason = StrictCharField(
+        required=False,
+        allow_blank=True,
+        max_length=2000,
+        help_text="Why (kept with the second-approval request a rotation needs under SOX; "
+        "else the X-Change-Reason header).",
+    )
+
+
+class KeysRotatedSerializer(serializers.Serializer):
+    rotation = inline_serializer(
+        "KeyRotationSummary",
+        {
+            "master_key_id": serializers.CharField(),
+            "data_keys": serializers.IntegerField(),
+            "rewrapped": serializers.IntegerField(),
+            "new_data_keys": serializers.ListField(child=serializers.CharField()),
+            "job_id": serializers.IntegerField(),
+        },
+    )
+    job = JobSerializer()
+
+
+class KeyRotationViewSet(BridgeViewSet):
+    """Rotating the master and data keys (security/rotation.py), as `manage.py rotate_keys`."""
+
+    schema = BodyRequiredSchema()
+    required_permissions: ClassVar[dict[str, tuple[str, ...]]] = {
+        "rotate": ("security.rotate_datakey",),
+    }
+
+    @extend_schema(
+        tags=["security"],
+        summary="Rotate keys: re-wrap under the master key, new data key versions, re-encrypt",
+        description=(
+            "Re-wraps every data key under the current master key (BRIDGE_MASTER_KEY), starts "
+            "new data key versions and re-encrypts stored values in a job (Location: the job). "
+            "With SOX_REQUIRE_SECOND_APPROVAL on nothing is rotated yet: the answer is an "
+            "approval request (status awaiting_approval, Location: the request) that a second "
+            "user with security.rotate_datakey approves at "
+            "/api/compliance/approvals/{id}/approve, which rotates."
+        ),
+        request=RotateRequest,
+        responses={
+            202: PolymorphicProxySerializer(
+                component_name="KeysRotatedOrAwaitingApproval",
+                serializers=[KeysRotatedSerializer, AwaitingApprovalSerializer],
+                resource_type_field_name=None,
+            ),
+            409: ErrorSerializer,
+        },
+    )
+    def rotate(self, request: Request) -> Response:
+        body = request_body(request, RotateRequest)
+        new_data_keys = not body["keep_data_keys"]
+        if approvals.requires_approval(ApprovalAction.KEY_ROTATION):
+            return awaiting_approval(
+                request,
+                action=ApprovalAction.KEY_ROTATION,
+                params={"new_data_keys": new_data_keys},
+                reason=change_reason(request, body.get("reason"), "Key rotation"),
+            )
+        try:
+            summary = rotation.rotate_keys(
+                context=audit_context(request), new_data_keys=new_data_keys
+            )
+        except crypto.CryptoError as exc:
+            return Response(
+                {"detail": f"Rotation refused, nothing changed: {exc}", "code": "rotation_refused"},
+                status=409,
+            )
+        job = Job.objects.get(pk=summary["job_id"])
+        response = Response(
+            {"rotation": summary, "job": JobSerializer(job, context={"request": request}).data},
+            status=202,
+        )
+        response["Location"] = job_url(job, request)
+        return response

@@ -8,6 +8,7 @@ from django.test import Client
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
 from compliance.models import AuditEvent
+from compliance.personal import revealed
 from tests.conftest import PASSWORD, make_user
 
 TASKS = "/admin/django_celery_beat/periodictask/"
@@ -43,7 +44,7 @@ def test_an_admin_bulk_delete_is_recorded_with_the_rows_it_removed(admin_user):
     assert response.status_code == 302
     assert not PeriodicTask.objects.filter(pk__in=[first.pk, second.pk]).exists()
     event = AuditEvent.objects.filter(action="admin.request", path=TASKS).latest("id")
-    assert event.actor_username == "root"
+    assert revealed(event).actor_username == "root"
     assert event.method == "POST" and event.status_code == 302
     form = event.details_data["form"]
     assert form["action"] == "delete_selected"
@@ -68,7 +69,7 @@ def test_an_admin_action_that_logs_nothing_itself_is_recorded(admin_user):
     event = AuditEvent.objects.filter(action="admin.request", path=TASKS).latest("id")
     assert event.details_data["form"]["action"] == "disable_tasks"
     assert event.details_data["form"]["_selected_action"] == [str(task.pk)]
-    assert event.actor_username == "root"
+    assert revealed(event).actor_username == "root"
 
 
 @pytest.mark.django_db
@@ -89,7 +90,7 @@ def test_a_jwt_user_on_an_unknown_api_path_is_recorded_by_name(compliance_api):
     # then the trail still names the caller
     assert response.status_code == 404
     event = AuditEvent.objects.get(action="api.request", path="/api/compliance/nothing-here")
-    assert (event.actor_username, event.status_code) == ("carla", 404)
+    assert (revealed(event).actor_username, event.status_code) == ("carla", 404)
     assert event.actor_id is not None
 
 
@@ -122,7 +123,7 @@ def test_compliance_endpoints_refuse_other_roles_and_record_the_refusal(
         assert response.status_code == 403, (who, response.content)
         assert response.json()["code"] == "permission_denied"
         event = AuditEvent.objects.filter(action="api.request", path=path).latest("id")
-        assert (event.actor_username, event.status_code) == (who, 403)
+        assert (revealed(event).actor_username, event.status_code) == (who, 403)
 
 
 @pytest.mark.django_db

@@ -37,6 +37,9 @@ events = st.fixed_dictionaries(
         "status_code": st.none() | st.integers(min_value=0, max_value=999),
         "latency_ms": st.none() | finite,
         "details": text,
+        "personal": text,
+        "actor_index": text,
+        "ip_index": text,
         "prev_hash": st.text(alphabet="0123456789abcdef", min_size=64, max_size=64),
     }
 )
@@ -48,20 +51,22 @@ def _row(fields: dict, version: int) -> tuple:
 
 
 @settings(max_examples=300, deadline=None)
-@given(events)
-def test_the_fast_hash_equals_the_defining_hash_on_any_event(fields):
-    assert row_hasher(1, COLUMNS)(_row(fields, 1)) == event_hash(fields, 1)
+@given(events, st.sampled_from(sorted(chain.HASH_VERSIONS)))
+def test_the_fast_hash_equals_the_defining_hash_on_any_event(fields, version):
+    assert row_hasher(version, COLUMNS)(_row(fields, version)) == event_hash(fields, version)
 
 
 @settings(max_examples=100, deadline=None)
 @given(events)
 def test_the_fast_hash_equals_the_defining_hash_for_a_later_version_too(fields):
-    v2 = tuple(name for name in chain.HASH_VERSIONS[1] if name != "client_ip")
-    chain.HASH_VERSIONS[2] = v2
+    later = max(chain.HASH_VERSIONS) + 1
+    chain.HASH_VERSIONS[later] = tuple(
+        name for name in chain.HASH_VERSIONS[later - 1] if name != "client_ip"
+    )
     try:
-        assert row_hasher(2, COLUMNS)(_row(fields, 2)) == event_hash(fields, 2)
+        assert row_hasher(later, COLUMNS)(_row(fields, later)) == event_hash(fields, later)
     finally:
-        del chain.HASH_VERSIONS[2]
+        del chain.HASH_VERSIONS[later]
 
 
 def test_the_fast_hash_refuses_what_canonical_json_refuses():
@@ -100,6 +105,7 @@ def test_verification_streams_the_chain_in_ranges_and_finds_a_break_in_a_later_o
 # PostgreSQL text holds no NUL; column widths as the model declares them.
 pg_characters = st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")
 pg_text = st.text(alphabet=pg_characters, max_size=30)
+CIPHERTEXT_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.:"
 stored_events = st.lists(
     st.fixed_dictionaries(
         {
@@ -120,6 +126,11 @@ stored_events = st.lists(
             "status_code": st.none() | st.integers(min_value=0, max_value=32767),
             "latency_ms": st.none() | finite,
             "details": pg_text,
+            # What hash version 2 adds, as Bridge writes it: a ciphertext and hex blind indexes
+            # (the server concatenates them unescaped; see the next test for anything else).
+            "personal": st.just("") | st.text(alphabet=CIPHERTEXT_ALPHABET, max_size=200),
+            "actor_index": st.just("") | st.text(alphabet="0123456789abcdef", max_size=64),
+            "ip_index": st.just("") | st.text(alphabet="0123456789abcdef", max_size=64),
         }
     ),
     min_size=1,
@@ -132,17 +143,22 @@ stored_events = st.lists(
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(stored_events)
-def test_postgresql_writes_the_canonical_json_python_hashes_for_any_stored_event(postgres, rows):
+@given(stored_events, st.booleans())
+def test_postgresql_writes_the_canonical_json_python_hashes_for_any_stored_event(
+    postgres, rows, personal_data
+):
     from django.db import connection
+    from django.test import override_settings
 
     from compliance.audit import bulk_insert
     from compliance.models import AuditEvent
 
-    # given any events, stored as they are and sealed by the sealer (Python's canonical JSON)
+    # given any events, stored as they are and sealed by the sealer (Python's canonical JSON),
+    # with hash version 1 or 2 (a row holding sealed personal data is always version 2)
     columns = tuple(rows[0])
     bulk_insert(AuditEvent, columns, [tuple(row[name] for name in columns) for row in rows])
-    chain.seal_all_pending()
+    with override_settings(AUDIT_PERSONAL_DATA=personal_data):
+        chain.seal_all_pending()
     head = chain.chain_head().last_seq
     # then the text PostgreSQL builds hashes to every seal, and the fast walk verifies them
     python_rows = {row[0]: row for row in verification.chain_rows(head)}
@@ -155,6 +171,39 @@ def test_postgresql_writes_the_canonical_json_python_hashes_for_any_stored_event
             assert verification.canonical_hasher(row[3])(row) == row[2]
     result = verification.check_chain()
     assert result.ok, result.reason
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("column", ["personal", "actor_index", "ip_index"])
+def test_a_sealed_column_the_server_would_spell_otherwise_fails_and_never_passes(postgres, column):
+    from tests.conftest import bypass_triggers
+
+    # given a chain whose sealed columns hold what Bridge writes
+    for n in range(3):
+        audit.record_event(
+            action=f"custom.q{n}",
+            context=audit.AuditContext(actor_id=1, actor_username="alice", client_ip="192.0.2.1"),
+        )
+    chain.seal_all_pending()
+    assert verification.check_chain().ok
+    # when one is rewritten to something JSON escapes (and its seal recomputed, so that only
+    # the server's spelling, never the content, could tell)
+    victim = audit.AuditEvent.objects.select_related("seal").order_by("id")[1]
+    value = 'v1.sk:x"\\\n'
+    bypass_triggers(
+        f"UPDATE compliance_auditevent SET {column} = %s WHERE id = %s",  # noqa: S608
+        [value, victim.pk],
+    )
+    victim.refresh_from_db()
+    fields = {name: getattr(victim, name) for name in chain._EVENT_FIELDS}
+    fields.update(seq=victim.seal.seq, prev_hash=victim.seal.prev_hash)
+    rehashed = chain.event_hash(fields, victim.seal.hash_version)
+    bypass_triggers(
+        "UPDATE compliance_auditseal SET hash = %s WHERE event_id = %s", [rehashed, victim.pk]
+    )
+    # then the fast path reports that event: a difference of spelling only ever fails
+    result = verification.check_chain()
+    assert (result.ok, result.first_broken_id) == (False, victim.pk)
 
 
 @pytest.mark.django_db

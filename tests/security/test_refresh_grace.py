@@ -17,6 +17,7 @@ from rest_framework.test import APIClient
 from rest_framework_simplejwt.state import token_backend
 
 from compliance.models import AuditEvent
+from compliance.personal import revealed
 from security import services
 from security.models import TokenFamily, User
 from tests.conftest import login
@@ -66,7 +67,7 @@ def test_a_grace_retry_is_audited_without_any_token_material(operator):
     pair = _refresh(client, first["refresh"]).json()
     _refresh(client, first["refresh"])
     retried = AuditEvent.objects.get(action="auth.token.refresh_retried")
-    assert retried.actor_username == "olivia"
+    assert revealed(retried).actor_username == "olivia"
     assert set(retried.details_data) == {"seconds_since_rotation", "refreshes"}
     assert not AuditEvent.objects.filter(action="auth.token.reuse_detected").exists()
     stored = "\n".join(AuditEvent.objects.values_list("details", flat=True))
