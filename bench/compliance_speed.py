@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -224,6 +225,9 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--reuse", action="store_true", help="keep an earlier run's events")
     args = parser.parse_args()
+    if not args.reuse:
+        # A fresh database needs fresh sinks: old checkpoints would say rows were deleted.
+        shutil.rmtree(SCRATCH, ignore_errors=True)
     SCRATCH.mkdir(parents=True, exist_ok=True)
     if not args.reuse:
         print(f"creating {DB_NAME} and seeding {args.events:,} events")
@@ -231,7 +235,7 @@ def main() -> None:
     setup_django()
     if not args.reuse:
         seed(args.events)
-        seal_and_checkpoint()
+    seal_and_checkpoint()
     subject = "user042"
 
     verify_s, sha_s, checked = bench_verify()

@@ -343,8 +343,9 @@ BRIDGE_MASTER_KEY = env_str("BRIDGE_MASTER_KEY")
 BRIDGE_MASTER_KEY_PREVIOUS = [
     item.strip() for item in env_str("BRIDGE_MASTER_KEY_PREVIOUS").split(",") if item.strip()
 ]
-# How long a process keeps a purpose's unwrapped data key (subject keys are never kept, so a
-# shredded subject key stops working everywhere at once).
+# How long a process keeps a purpose's unwrapped data key (subject keys are never kept for
+# decryption, so a shredded subject key stops opening anything everywhere at once; the audit
+# trail's sealing cache keeps one up to 60 s for encryption only, see compliance/personal.py).
 DATA_KEY_CACHE_SECONDS = env_int("DATA_KEY_CACHE_SECONDS", 300, minimum=0)
 # Subject keys are left out of database dumps and backed up on their own, daily, with a short
 # retention: a key shredded for an erasure is gone from every copy within the one-month deadline

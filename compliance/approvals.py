@@ -432,7 +432,9 @@ def sod_conflicts(
       for that action;
     - `self_decided`: an approval request decided by its own requester;
     - `conflicting_roles`: an active user holding roles declared conflicting (a standing
-      state, so `since` and `until` do not apply).
+      state, so `since` and `until` do not apply);
+    - `capture_missing`: a table of SOX_AUDITED_MODELS whose change trigger (or the change
+      table's append-only guard) is missing or disabled (PostgreSQL; standing too).
     """
     from compliance.personal import Revealer
 
@@ -514,7 +516,30 @@ def sod_conflicts(
             )
     found.sort(key=lambda item: item["occurred_at"] or "")
     found += _role_conflicts()
+    found += _capture_gaps()
     return found
+
+
+def _capture_gaps() -> list[dict[str, Any]]:
+    """Audited tables whose change capture is gone (a standing state, like role conflicts):
+    changes made meanwhile bypass every control this module and the SOX trail provide."""
+    from compliance import sox
+
+    return [
+        {
+            "type": "capture_missing",
+            "key": f"capture:{gap['table']}",
+            "summary": (
+                f"SOX change capture is not working on {gap['table']} ({gap['model']}): "
+                f"{gap['problem']}; changes to it are not recorded (run manage.py "
+                "sync_sox_triggers, and find out who removed it)."
+            ),
+            "occurred_at": None,
+            "user": "",
+            "details": gap,
+        }
+        for gap in sox.capture_gaps()
+    ]
 
 
 def _role_conflicts() -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ HttpRequest, so services, Celery tasks and commands record events the same way.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
@@ -101,7 +102,32 @@ class AuditContext:
 
 def _clean_text(value: str | None, limit: int) -> str:
     # PostgreSQL text refuses NUL; a path or username is never legitimately longer than limit.
-    return (value or "").replace("\x00", "\\x00")[:limit]
+    return _storable((value or "").replace("\x00", "\\x00")[:limit])
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def _storable(text: str) -> str:
+    """`text` as UTF-8 can hold it: a lone surrogate (JSON may carry "\\ud800", UTF-8 cannot)
+    becomes U+FFFD, or the event (and every event sharing its group commit) could not be
+    written and the request would go unrecorded."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATES.sub("\ufffd", text)
+    return text
+
+
+def _without_surrogates(value: Any) -> Any:
+    """`value` (JSON data) with every lone surrogate in its strings and keys replaced."""
+    if isinstance(value, str):
+        return _storable(value)
+    if isinstance(value, dict):
+        return {_storable(str(key)): _without_surrogates(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_without_surrogates(item) for item in value]
+    return value
 
 
 def iso(moment: datetime) -> str:
@@ -224,6 +250,11 @@ def event_values(
             sealed = seal_event(
                 actor_username=actor_username, client_ip=client, details=details_data
             )
+        except UnicodeEncodeError:
+            details_data = _without_surrogates(details_data)
+            sealed = seal_event(
+                actor_username=actor_username, client_ip=client, details=details_data
+            )
         except RecursionError:
             sealed = seal_event(actor_username=actor_username, client_ip=client, details=_TOO_DEEP)
         actor_username, client, details_data = (
@@ -236,6 +267,9 @@ def event_values(
         details_text = canonical_json(details_data)
     except RecursionError:
         details_text = canonical_json(_TOO_DEEP)
+    # ASCII, the common case, holds no surrogate: only other text is searched.
+    if not details_text.isascii() and _SURROGATES.search(details_text):
+        details_text = canonical_json(_without_surrogates(details_data))
     return (
         connection.ops.adapt_datetimefield_value(occurred_at or timezone.now()),
         who.actor_id,

@@ -63,7 +63,18 @@ def configured_purposes() -> list[str]:
 def check_subject_id(subject_id: Any) -> str:
     if not isinstance(subject_id, str) or not _SUBJECT_ID.fullmatch(subject_id):
         raise ConsentError("subject_id", "1-128 characters, no control characters and no '/'.")
+    check_text(subject_id, "subject_id")
     return subject_id
+
+
+def check_text(value: str, field: str) -> str:
+    """`value` if it can be stored: JSON can carry a lone surrogate (\\ud800), which no
+    database text column (nor the audit trail) can hold; refused naming the field."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConsentError(field, "Not valid Unicode text (a lone surrogate).") from None
+    return value
 
 
 # --- Privacy notices -----------------------------------------------------------------------
@@ -87,6 +98,7 @@ def publish_notice(*, version: str, text: str, context: AuditContext) -> Privacy
         raise ConsentError("text", f"At most {NOTICE_MAX_CHARS} characters.")
     if "\x00" in text:
         raise ConsentError("text", "The text may not contain NUL characters.")
+    check_text(text, "text")
     digest = notice_sha256(text)
     try:
         with transaction.atomic():
@@ -147,6 +159,7 @@ def record_consent(
         raise ConsentError("method", f"One of {', '.join(ConsentMethod.values)}.")
     if not isinstance(channel, str) or len(channel) > CHANNEL_MAX_CHARS or "\x00" in channel:
         raise ConsentError("channel", f"Text of at most {CHANNEL_MAX_CHARS} characters.")
+    check_text(channel, "channel")
     notice = PrivacyNotice.objects.filter(version=notice_version).first()
     if notice is None:
         raise ConsentError(

@@ -283,6 +283,43 @@ def hold_for_verification(
     return DataSubjectRequest.objects.get(pk=request.pk)
 
 
+def privileged_account(subject_id: str) -> str | None:
+    """Why the subject's Bridge account may not be erased yet (None when it may): an active
+    account holding a role, a permission, staff or superuser status. Erasing it would take
+    those away and revoke its sessions: done through a data subject request, a compliance
+    officer could lock out an administrator (or a fellow officer). An administrator
+    deactivates the account first (its data is then erased as any other's)."""
+    from security.models import User
+
+    user = User.objects.filter(username=subject_id, is_active=True).first()
+    if user is None:
+        return None
+    held = [
+        name
+        for name, holds in (
+            ("superuser", user.is_superuser),
+            ("staff", user.is_staff),
+            ("roles", user.groups.exists()),
+            ("permissions", user.user_permissions.exists()),
+        )
+        if holds
+    ]
+    if not held:
+        return None
+    return (
+        f"{subject_id} is an active Bridge account holding {', '.join(held)}: an "
+        "administrator must deactivate it before it is erased"
+    )
+
+
+def _refuse_privileged(current: DataSubjectRequest) -> None:
+    if current.type != DsrType.ERASURE:
+        return
+    why = privileged_account(current.subject_id)
+    if why is not None:
+        raise DsrRefused(why[0].upper() + why[1:] + ".", "account_active")
+
+
 def verify_request(
     *,
     request: DataSubjectRequest,
@@ -293,7 +330,8 @@ def verify_request(
     """Record the identity check (who, how) and start the work as a job.
 
     Whole days the clock stood paused move the due date. Two calls at once start one job: the
-    second finds the request in progress and is refused.
+    second finds the request in progress and is refused. An erasure of an active account with
+    privileges is refused until an administrator deactivates it (`privileged_account`).
     """
     method = _text(method, "method", METHOD_MAX_CHARS)
     with transaction.atomic():
@@ -301,6 +339,7 @@ def verify_request(
         _refuse_status(
             current, (DsrStatus.RECEIVED, DsrStatus.VERIFYING), "cannot_verify", "verify"
         )
+        _refuse_privileged(current)
         now = timezone.now()
         paused = paused_whole_days(current.paused_at, now)
         due = current.due_date + timedelta(days=paused)
@@ -447,6 +486,7 @@ def retry_request(
     with transaction.atomic():
         current = _locked(request)
         _refuse_status(current, WORKING, "cannot_retry", "retry")
+        _refuse_privileged(current)
         previous = Job.objects.filter(pk=current.job_id).first() if current.job_id else None
         if previous is not None and (
             not previous.is_final or previous.status == JobStatus.SUCCEEDED
@@ -650,6 +690,8 @@ def _erase(
     request: DataSubjectRequest, job: Job, context: AuditContext, progress: Progress
 ) -> dict:
     subject_id = request.subject_id
+    # Checked again here: the account may have been given a role since it was verified.
+    _refuse_privileged(request)
     with transaction.atomic():
         counts = erase_subject(subject_id, progress)
         # Earlier access exports of the subject are copies of what was just erased.
@@ -660,6 +702,10 @@ def _erase(
         )
         DataSubjectRequest.objects.filter(pk__in=[pk for pk, _ in exports]).update(
             export_path="", export_size=None
+        )
+        # And half-written ones a killed worker left behind (never listed on a row).
+        partial = _partial_exports(
+            DataSubjectRequest.objects.filter(subject_id=subject_id).values_list("pk", flat=True)
         )
         record = ErasureRecord.objects.create(
             subject_id=subject_id, request=request, erased_at=timezone.now(), counts=counts
@@ -679,13 +725,22 @@ def _erase(
             "exports_deleted": len(exports),
         }
         _complete(request, job, context, result, f"erased {result['rows_changed']} row(s)")
-        transaction.on_commit(lambda: _remove_files(path for _, path in exports))
+        transaction.on_commit(lambda: _remove_files([*(path for _, path in exports), *partial]))
     return result
 
 
 def _remove_files(paths: Iterable[str]) -> None:
+    """Delete export files, only ever inside DSR_EXPORT_DIR: the paths come from the database,
+    and a path edited there (a checkpoint sink's file, the signing key) must not steer a
+    deletion anywhere else."""
+    root = Path(settings.DSR_EXPORT_DIR).resolve()
     for path in paths:
+        if not path:
+            continue
         try:
+            if Path(path).resolve().parent != root:
+                log.error("not deleting %s: it is not an export in %s", path, root)
+                continue
             Path(path).unlink(missing_ok=True)
         except OSError:
             log.exception("could not delete the export %s", path)
@@ -708,8 +763,10 @@ class _Hashed:
         self.size += len(data)
 
 
-# Spreadsheets run a cell starting with these as a formula (CSV injection, OWASP).
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+# Spreadsheets run a cell starting with these as a formula (CSV injection, OWASP), also after
+# leading whitespace (which they skip) and in the full-width forms some of them normalise: the
+# same set as the compliance reports (compliance.reports.writers.safe_cell).
+_FORMULA_START = tuple("=+-@\t\r\n\uff1d\uff0b\uff0d\uff20")
 
 
 def csv_cell(value: Any) -> str:
@@ -723,7 +780,8 @@ def csv_cell(value: Any) -> str:
     elif not isinstance(value, str | int | float):
         value = personal_data.json_safe(value)
     text = str(value)
-    if text.startswith(_FORMULA_START) and not _is_number(text):
+    risky = text.startswith(_FORMULA_START) or text.lstrip().startswith(_FORMULA_START)
+    if risky and not _is_number(text):
         return "'" + text
     return text
 
@@ -926,6 +984,26 @@ def export_file(*, request: DataSubjectRequest, context: AuditContext) -> IO[byt
     except FileNotFoundError:
         raise DsrRefused("The export file is gone.", "export_missing") from None
     try:
+        # The bytes served are the bytes the job wrote: a file swapped or edited on disk (by
+        # whoever can write the export directory) is refused, never handed to the subject.
+        # Hashed through the open handle, so a swap after this check changes nothing served.
+        digest = hashlib.sha256()
+        for block in iter(lambda: handle.read(1024 * 1024), b""):
+            digest.update(block)
+        if digest.hexdigest() != request.export_sha256:
+            log.error(
+                "the export of data subject request %s does not match its SHA-256 "
+                "(recorded %s, on disk %s): not served",
+                request.pk,
+                request.export_sha256,
+                digest.hexdigest(),
+            )
+            raise DsrRefused(
+                "The export file was changed after it was written (its SHA-256 does not match "
+                "the one recorded): it is not served. Run the request again.",
+                "export_tampered",
+            )
+        handle.seek(0)
         with transaction.atomic():
             _event(
                 AuditAction.DSR_EXPORT_DOWNLOADED,
@@ -940,16 +1018,41 @@ def export_file(*, request: DataSubjectRequest, context: AuditContext) -> IO[byt
     return handle
 
 
-def delete_expired_exports(*, now: datetime | None = None) -> int:
-    """Delete export files older than DSR_EXPORT_TTL_DAYS; returns how many."""
-    cutoff = (now or timezone.now()) - timedelta(days=settings.DSR_EXPORT_TTL_DAYS)
+# A half-written export older than this belongs to a worker that died writing it.
+PARTIAL_EXPORT_AGE = timedelta(days=1)
+
+
+def _partial_exports(request_ids: Iterable[Any]) -> list[str]:
+    """The half-written export files (`.dsr-<id>-*.part`) of these requests."""
+    directory = Path(settings.DSR_EXPORT_DIR)
+    if not directory.is_dir():
+        return []
+    return [str(path) for pk in request_ids for path in directory.glob(f".dsr-{pk}-*.part")]
+
+
+def delete_expired_exports(*, now: datetime | None = None, dry_run: bool = False) -> int:
+    """Delete export files older than DSR_EXPORT_TTL_DAYS, and half-written ones a killed
+    worker left (older than PARTIAL_EXPORT_AGE): both are copies of a subject's data. Returns
+    how many exports expired (`dry_run`: would expire, nothing deleted)."""
+    now = now or timezone.now()
+    cutoff = now - timedelta(days=settings.DSR_EXPORT_TTL_DAYS)
     expired = list(
         DataSubjectRequest.objects.exclude(export_path="")
         .filter(completed_at__lt=cutoff)
         .values_list("pk", "export_path")
     )
+    if dry_run:
+        return len(expired)
     DataSubjectRequest.objects.filter(pk__in=[pk for pk, _ in expired]).update(export_path="")
     _remove_files(path for _, path in expired)
+    directory = Path(settings.DSR_EXPORT_DIR)
+    if directory.is_dir():
+        stale = (now - PARTIAL_EXPORT_AGE).timestamp()
+        _remove_files(
+            str(path)
+            for path in directory.glob(".dsr-*.part")
+            if path.is_file() and path.stat().st_mtime < stale
+        )
     return len(expired)
 
 

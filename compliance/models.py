@@ -78,7 +78,11 @@ class AuditEvent(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"#{self.id} {self.action} by {self.actor_username or 'anonymous'}"
+        if self.actor_username:
+            return f"#{self.id} {self.action} by {self.actor_username}"
+        # Version 2 seals an authenticated actor's name in `personal`; only the id is plain.
+        who = f"user #{self.actor_id}" if self.actor_id is not None else "anonymous"
+        return f"#{self.id} {self.action} by {who}"
 
     @property
     def details_data(self) -> dict:

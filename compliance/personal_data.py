@@ -224,7 +224,13 @@ class ModelSource(Source):
 
 
 class UserSource(Source):
-    """Bridge's user accounts: the subject id is the username (or the account's email)."""
+    """Bridge's user accounts: the subject id is the username, exactly.
+
+    Never the email: emails are not unique, and a subject id that is an email is usually a
+    customer's, so matching it would export, rectify or anonymise whichever account happens
+    to carry that address (an administrator whose address a customer shares), while the
+    subject's keys and consent, keyed by the subject id, would not be the account's.
+    """
 
     name = "users"
     description = "Bridge user accounts (profile; never the password hash)"
@@ -233,10 +239,7 @@ class UserSource(Source):
     def _users(self, subject_id: str) -> models.QuerySet:
         from security.models import User
 
-        match = Q(username=subject_id)
-        if "@" in subject_id:
-            match |= Q(email__iexact=subject_id)
-        return User.objects.filter(match)
+        return User.objects.filter(username=subject_id)
 
     def find(self, subject_id: str) -> int:
         return self._users(subject_id).count()
@@ -371,7 +374,34 @@ class DsrRecordSource(Source):
             yield json_safe(row)
 
     def erase(self, subject_id: str) -> dict:
-        return {"retained": self.find(subject_id)}
+        """Keep the requests (accountability) but not what their details say: free notes and
+        a rectification's corrected values are the subject's data (a new email, a name).
+        The keys stay, so what was asked remains visible."""
+        from compliance.models import DataSubjectRequest
+
+        rows = list(self._rows(subject_id).values_list("pk", "details"))
+        anonymised = 0
+        for pk, details in rows:
+            scrubbed = _scrub(details)
+            if scrubbed != details:
+                DataSubjectRequest.objects.filter(pk=pk).update(details=scrubbed)
+                anonymised += 1
+        return {"retained": len(rows), "anonymised": anonymised}
+
+
+ERASED_VALUE = "[erased]"
+
+
+def _scrub(value: Any) -> Any:
+    """`value` with every text or number replaced by ERASED_VALUE (keys, booleans and nulls
+    kept): idempotent, so an erasure applied again changes nothing more."""
+    if isinstance(value, dict):
+        return {key: _scrub(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_scrub(item) for item in value]
+    if value is None or isinstance(value, bool) or value == "":
+        return value
+    return ERASED_VALUE
 
 
 class AuditActorSource(Source):
@@ -488,9 +518,14 @@ class SubjectKeySource(Source):
             yield json_safe(row)
 
     def erase(self, subject_id: str) -> dict:
+        from compliance import personal
         from security import crypto
 
-        return {"keys_destroyed": crypto.shred_subject_key(subject_id=subject_id)}
+        destroyed = crypto.shred_subject_key(subject_id=subject_id)
+        # This process's sealing cache forgets the key at once; others within 60 s (their
+        # events sealed meanwhile are as unreadable as the rest: the key exists nowhere else).
+        transaction.on_commit(lambda: personal.forget_keys(subject_id), robust=True)
+        return {"keys_destroyed": destroyed}
 
 
 class SoxChangeSource(Source):

@@ -213,6 +213,14 @@ def place_hold(
             "A subject id is at most 128 characters, without control characters.",
             field="subject_id",
         )
+    for field_name, value in (("name", name), ("reason", reason), ("subject_id", subject_id)):
+        # NUL and a lone surrogate (JSON carries both): no PostgreSQL text column stores them.
+        if "\x00" in value:
+            raise RetentionError("May not contain NUL characters.", field=field_name)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RetentionError("Not valid Unicode text.", field=field_name) from None
     covers_from = _aware(covers_from, "covers_from")
     covers_to = _aware(covers_to, "covers_to")
     if covers_from and covers_to and covers_from > covers_to:
@@ -285,8 +293,39 @@ def _event_hold_query(hold: LegalHold) -> Q | None:
     if hold.subject_id:
         from compliance.personal import actor_match
 
-        match &= actor_match(hold.subject_id) | Q(object_id=hold.subject_id)
+        match &= (
+            actor_match(hold.subject_id)
+            | Q(object_id=hold.subject_id)
+            | _about_subject(hold.subject_id)
+        )
     return match
+
+
+def _about_subject(subject_id: str) -> Q:
+    """Events about a subject that neither name them as the actor nor as the object: their
+    data subject requests, erasures and consent (events that deliberately carry the record's
+    id rather than the subject's, or hold the subject id sealed in their details)."""
+    from compliance.models import ConsentEvent, ErasureRecord
+    from compliance.personal_data import pseudonym
+
+    requests = DataSubjectRequest.objects.filter(subject_id=subject_id).values_list("pk", flat=True)
+    erasures = ErasureRecord.objects.filter(subject_id=subject_id).values_list("pk", flat=True)
+    # An erased subject's consent events carry their pseudonym.
+    consents = ConsentEvent.objects.filter(
+        subject_id__in=[subject_id, pseudonym(subject_id)]
+    ).values_list("pk", flat=True)
+    # The API's own request records of their consent (the subject id is in the path).
+    consent_path = f"/api/compliance/gdpr/consent/{subject_id}"
+    about = Q(path=consent_path) | Q(path=f"{consent_path}/receipt")
+    for object_type, ids in (
+        ("compliance.datasubjectrequest", requests),
+        ("compliance.erasurerecord", erasures),
+        ("compliance.consentevent", consents),
+    ):
+        found = [str(pk) for pk in ids]
+        if found:
+            about |= Q(object_type=object_type, object_id__in=found)
+    return about
 
 
 # --- The guard: the single audited bypass of the append-only triggers ---------------------
@@ -300,7 +339,10 @@ DECLARE
     high bigint;
     at_seq bigint;
 BEGIN
-    IF TG_OP = 'DELETE' AND COALESCE(purge, '') <> '' THEN
+    -- Only the audit events and their seals: the same guard keeps other tables append-only
+    -- (the SOX change records), whose ids mean nothing to a purge's seq range.
+    IF TG_OP = 'DELETE' AND COALESCE(purge, '') <> ''
+       AND TG_TABLE_NAME IN ('compliance_auditevent', 'compliance_auditseal') THEN
         low := split_part(purge, ':', 1)::bigint;
         high := split_part(purge, ':', 2)::bigint;
         IF TG_TABLE_NAME = 'compliance_auditseal' THEN
@@ -317,6 +359,8 @@ BEGIN
 END;
 $$ LANGUAGE plpgsql;
 """
+# What pg_proc.prosrc holds once the guard above is installed (the text between the $$).
+_GUARD_BODY = _GUARD_SQL.split("$$")[1]
 
 
 def install_purge_guard(using: str = "default") -> bool:
@@ -336,7 +380,9 @@ def install_purge_guard(using: str = "default") -> bool:
             "SELECT prosrc FROM pg_proc WHERE proname = 'compliance_append_only' LIMIT 1"
         )
         row = cursor.fetchone()
-        if row and PURGE_SETTING in row[0]:
+        # Replaced unless it is exactly this version (an earlier one let the purge's setting
+        # through on every table the guard protects).
+        if row and row[0] == _GUARD_BODY:
             return False
         cursor.execute(_GUARD_SQL)
     return True
@@ -1048,6 +1094,18 @@ def retention_plan(*, now: datetime | None = None) -> dict[str, Any]:
     }
 
 
+# The counts of each category a retention run's audit event carries.
+_RUN_COUNTS = (
+    "due",
+    "would_delete",
+    "held",
+    "kept",
+    "deleted",
+    "files_deleted",
+    "exports_expired",
+)
+
+
 def apply_retention(
     *,
     dry_run: bool,
@@ -1072,6 +1130,15 @@ def apply_retention(
     step("data subject requests")
     dsrs = _dsr_candidates(now)
     dsr_result = dsrs.summary()
+    try:
+        # Exports are kept DSR_EXPORT_TTL_DAYS only (the request itself much longer): copies
+        # of a subject's data must not outlive their download window on disk.
+        from compliance.dsr import delete_expired_exports
+
+        dsr_result["exports_expired"] = delete_expired_exports(now=now, dry_run=dry_run)
+    except Exception as exc:
+        log.exception("retention: expired data subject exports not deleted")
+        errors.append(redact_text(f"dsr_exports: {type(exc).__name__}: {exc}"))
     if not dry_run:
         try:
             dsr_result.update(_delete_dsrs(dsrs))
@@ -1121,11 +1188,7 @@ def apply_retention(
             "dry_run": dry_run,
             "ok": not errors,
             "counts": {
-                name: {
-                    key: value
-                    for key, value in numbers.items()
-                    if key in ("due", "would_delete", "held", "kept", "deleted", "files_deleted")
-                }
+                name: {key: value for key, value in numbers.items() if key in _RUN_COUNTS}
                 for name, numbers in categories.items()
             },
             "audit_status": audit.get("status"),

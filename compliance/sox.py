@@ -14,9 +14,10 @@ one request's actor into the next. Services, jobs and commands say who acts with
 `change_context`.
 
 Secret columns (`settings.SOX_SECRET_COLUMNS`) are never copied: the record says only whether
-they changed. An UPDATE that changes nothing is not recorded, nor one that changes only the
-runtime state Bridge itself keeps on a row (`VOLATILE_FIELDS`: a health check every few
-seconds, every login), which is not configuration.
+they changed. Nor are personal columns (`PERSONAL_FIELDS`: a user's names and email), which an
+append-only record could never erase. An UPDATE that changes nothing is not recorded, nor one
+that changes only the runtime state Bridge itself keeps on a row (`VOLATILE_FIELDS`: a health
+check every few seconds, every login), which is not configuration.
 
 PostgreSQL: one generic plpgsql function (`bridge_sox_capture`) run by an AFTER ROW trigger
 named `bridge_sox_<table>` on each table; the change table itself is append-only (the audit
@@ -56,6 +57,8 @@ FUNCTION = "bridge_sox_capture"
 PREFIX = "bridge_sox_"
 SECRET_CHANGED = "<secret: changed>"  # noqa: S105 (a marker, not a secret)
 SECRET_UNCHANGED = "<secret: unchanged>"  # noqa: S105
+PERSONAL_CHANGED = "<personal: changed>"
+PERSONAL_UNCHANGED = "<personal: unchanged>"
 APPEND_ONLY_TRIGGERS = ("compliance_soxchange_append_only", "compliance_soxchange_no_truncate")
 
 # Runtime state Bridge writes on audited rows by itself: a change to these fields alone is
@@ -79,6 +82,14 @@ VOLATILE_FIELDS: dict[str, tuple[str, ...]] = {
     "django_celery_beat.PeriodicTask": ("last_run_at", "total_run_count", "date_changed"),
 }
 
+# Personal data on audited rows, recorded like secrets (only whether it changed): the change
+# table is append-only and kept by legal obligation, so a value copied into it could never be
+# erased (GDPR Art. 17), and an account's name and address are no configuration. The username
+# stays: it is who was granted what, and the data subject id the erasure keeps on its records.
+PERSONAL_FIELDS: dict[str, tuple[str, ...]] = {
+    "security.User": ("first_name", "last_name", "email"),
+}
+
 # Session settings the triggers read, in this order everywhere.
 _SETTINGS = ("actor_id", "actor_username", "request_id", "reason")
 _EMPTY = ("", "", "", "")
@@ -100,6 +111,7 @@ class AuditedTable:
     pk_column: str
     secret_columns: tuple[str, ...] = ()
     volatile_columns: tuple[str, ...] = ()
+    personal_columns: tuple[str, ...] = ()
 
     @property
     def trigger(self) -> str:
@@ -141,12 +153,20 @@ def audited_tables() -> list[AuditedTable]:
         for name in VOLATILE_FIELDS.get(model._meta.label, ()):
             with contextlib.suppress(FieldDoesNotExist):
                 volatile.append(model._meta.get_field(name).column)
+        hidden = tuple(c for c in columns if c.lower() in secrets)
+        personal = []
+        for name in PERSONAL_FIELDS.get(model._meta.label, ()):
+            with contextlib.suppress(FieldDoesNotExist):
+                column = model._meta.get_field(name).column
+                if column not in hidden:
+                    personal.append(column)
         found[table] = AuditedTable(
             label=label,
             table=table,
             pk_column=model._meta.pk.column,
-            secret_columns=tuple(c for c in columns if c.lower() in secrets),
+            secret_columns=hidden,
             volatile_columns=tuple(volatile),
+            personal_columns=tuple(personal),
         )
     return list(found.values())
 
@@ -180,6 +200,54 @@ def sync_triggers(*, context: AuditContext | None = None, audit: bool = True) ->
     return []
 
 
+def capture_gaps() -> list[dict[str, str]]:
+    """Audited tables whose changes are not being recorded right now, and why: the trigger is
+    missing, disabled or altered (someone with rights on the database took it away to change
+    rows unrecorded), or the change table lost its append-only guard. PostgreSQL only: on
+    SQLite the triggers belong to each of Bridge's own connections and are installed as it
+    opens. Empty while ENABLE_SOX_COMPLIANCE is off."""
+    connection = connections["default"]
+    if connection.vendor != "postgresql" or not settings.ENABLE_SOX_COMPLIANCE:
+        return []
+    gaps: list[dict[str, str]] = []
+    with connection.cursor() as cursor:
+        existing = set(connection.introspection.table_names(cursor))
+        found = {(name, table): (args, ok) for name, table, args, ok in _pg_triggers(cursor)}
+        for table in audited_tables():
+            if table.table not in existing:
+                continue
+            current = found.get((table.trigger, table.table))
+            if current is None:
+                problem = f"no change trigger ({table.trigger}) on the table"
+            elif not current[1]:
+                problem = f"its change trigger {table.trigger} is disabled or altered"
+            elif current[0] != _pg_args(table):
+                problem = f"its change trigger {table.trigger} records other columns than set"
+            else:
+                continue
+            gaps.append({"table": table.table, "model": table.label, "problem": problem})
+        change_table = SoxChange._meta.db_table
+        cursor.execute(
+            "SELECT t.tgname FROM pg_catalog.pg_trigger t "
+            "JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid "
+            "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE c.relname = %s AND n.nspname = current_schema() AND t.tgenabled = 'O' "
+            "AND t.tgname = ANY(%s)",
+            [change_table, list(APPEND_ONLY_TRIGGERS)],
+        )
+        guarded = {row[0] for row in cursor.fetchall()}
+        for name in APPEND_ONLY_TRIGGERS:
+            if name not in guarded:
+                gaps.append(
+                    {
+                        "table": change_table,
+                        "model": SoxChange._meta.label,
+                        "problem": f"its append-only trigger {name} is missing or disabled",
+                    }
+                )
+    return gaps
+
+
 def installed_triggers() -> dict[str, str]:
     """Trigger name -> table of the change triggers present now (this connection's on SQLite)."""
     connection = connections["default"]
@@ -194,13 +262,15 @@ def installed_triggers() -> dict[str, str]:
 
 # PostgreSQL -----------------------------------------------------------------------------------
 
-# TG_ARGV: 0 model label, 1 primary key column, 2 secret columns, 3 volatile columns (CSV).
+# TG_ARGV: 0 model label, 1 primary key column, 2 secret columns, 3 volatile columns, 4
+# personal columns (CSV).
 _PG_BODY = r"""
 DECLARE
     old_row jsonb;
     new_row jsonb;
     secrets text[] := string_to_array(TG_ARGV[2], ',');
     volatile text[] := string_to_array(TG_ARGV[3], ',');
+    personal text[] := string_to_array(coalesce(TG_ARGV[4], ''), ',');
     changed text[];
     pk text;
     secret text;
@@ -230,6 +300,19 @@ BEGIN
                      ELSE '<secret: unchanged>' END));
         END IF;
     END LOOP;
+    -- Personal data: the same, so nothing in this append-only table needs erasing later.
+    FOREACH secret IN ARRAY personal LOOP
+        IF old_row ? secret THEN
+            old_row := jsonb_set(old_row, ARRAY[secret], to_jsonb(
+                CASE WHEN secret = ANY(changed) THEN '<personal: changed>'
+                     ELSE '<personal: unchanged>' END));
+        END IF;
+        IF new_row ? secret THEN
+            new_row := jsonb_set(new_row, ARRAY[secret], to_jsonb(
+                CASE WHEN secret = ANY(changed) THEN '<personal: changed>'
+                     ELSE '<personal: unchanged>' END));
+        END IF;
+    END LOOP;
     INSERT INTO compliance_soxchange (
         occurred_at, table_name, model, object_pk, operation, "before", "after",
         changed_fields, actor_id, actor_username, request_id, reason, transaction_id
@@ -256,6 +339,7 @@ def _pg_args(table: AuditedTable) -> tuple[str, ...]:
         table.pk_column,
         ",".join(table.secret_columns),
         ",".join(table.volatile_columns),
+        ",".join(table.personal_columns),
     )
 
 
@@ -401,13 +485,16 @@ def _sqlite_trigger_sql(table: AuditedTable, columns: list[tuple[str, str]]) -> 
     """The three triggers of one table (SQLite has one event per trigger), by name."""
     names = sorted(name for name, _ in columns)
     secret = [name for name in names if name in table.secret_columns]
+    personal = [name for name in names if name in table.personal_columns]
     watched = [name for name in names if name not in table.volatile_columns]
+    marked = [(name, SECRET_CHANGED, SECRET_UNCHANGED) for name in secret] + [
+        (name, PERSONAL_CHANGED, PERSONAL_UNCHANGED) for name in personal
+    ]
     changed_marks = {
-        name: f'CASE WHEN OLD."{name}" IS NEW."{name}" THEN \'{SECRET_UNCHANGED}\' '
-        f"ELSE '{SECRET_CHANGED}' END"
-        for name in secret
+        name: f"CASE WHEN OLD.\"{name}\" IS NEW.\"{name}\" THEN '{unchanged}' ELSE '{changed}' END"
+        for name, changed, unchanged in marked
     }
-    always = {name: f"'{SECRET_CHANGED}'" for name in secret}
+    always = {name: f"'{changed}'" for name, changed, _ in marked}
     all_names = "json_array(" + ", ".join(_sqlite_string(name) for name in names) + ")"
     which = " UNION ALL ".join(
         f'SELECT {_sqlite_string(name)} AS name WHERE OLD."{name}" IS NOT NEW."{name}"'

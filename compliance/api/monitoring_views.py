@@ -15,10 +15,11 @@ from django.db.models import QuerySet
 from django_filters import rest_framework as filters
 from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import mixins, serializers
+from rest_framework.exceptions import ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from bridge.api import BridgeViewSet, JobSerializer, accepted, audit_context
+from bridge.api import BridgeViewSet, JobSerializer, accepted, audit_context, has_body
 from compliance import monitoring
 from compliance.choices import ViolationRule, ViolationSeverity, ViolationStatus
 from compliance.models import ComplianceViolation
@@ -202,6 +203,20 @@ class ComplianceMetricsSerializer(serializers.Serializer):
     violations = ViolationCountsSerializer()
 
 
+def refuse_fields(request: Request) -> None:
+    """For a POST that takes no fields: nothing, or `{}`. A field sent is refused by name
+    rather than silently ignored (the caller meant something by it)."""
+    if not has_body(request):
+        return
+    data = request.data
+    if not isinstance(data, dict):
+        raise ValidationError({"non_field_errors": ["Send no body, or {}."]})
+    if data:
+        raise ValidationError(
+            {str(name)[:64]: ["Unknown field: this request takes none."] for name in sorted(data)}
+        )
+
+
 class MonitoringViewSet(BridgeViewSet):
     """Status, metrics and the self-test."""
 
@@ -237,5 +252,6 @@ class MonitoringViewSet(BridgeViewSet):
         responses={202: JobSerializer},
     )
     def self_test(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        refuse_fields(request)
         job = monitoring.start_compliance_test(context=audit_context(request))
         return accepted(job, request)

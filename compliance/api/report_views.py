@@ -12,7 +12,6 @@ Every view is a thin caller of compliance/reports/services.py.
 
 from __future__ import annotations
 
-import json
 import re
 from datetime import timedelta
 from typing import Any, ClassVar
@@ -278,7 +277,11 @@ REPORT_ID = OpenApiParameter(
     "id", OpenApiTypes.UUID, OpenApiParameter.PATH, description="The report's id."
 )
 _NOT_READY = {
-    409: OpenApiResponse(ErrorSerializer, description="The report has not succeeded (yet).")
+    409: OpenApiResponse(
+        ErrorSerializer,
+        description="The report has not succeeded (yet), or its files on disk are not the ones "
+        "generated (code report_tampered).",
+    )
 }
 _SIGNED_FILE = inline_serializer(
     "ComplianceReportSignature",
@@ -302,6 +305,12 @@ def _not_ready(report: ComplianceReport) -> Response:
             "code": "report_not_ready",
         },
         status=status.HTTP_409_CONFLICT,
+    )
+
+
+def _tampered(tampered: Exception) -> Response:
+    return Response(
+        {"detail": str(tampered), "code": "report_tampered"}, status=status.HTTP_409_CONFLICT
     )
 
 
@@ -403,11 +412,13 @@ class ComplianceReportViewSet(BridgeViewSet):
             return _not_ready(report)
         path = reports.report_path(report)
         try:
-            handle = open(path, "rb")  # FileResponse closes it
+            handle = reports.open_report_file(report)  # FileResponse closes it
         except FileNotFoundError:
             raise NotFound(
                 f"The file of report {report.pk} no longer exists (removed by retention?)."
             ) from None
+        except reports.ReportTampered as tampered:
+            return _tampered(tampered)
         try:
             with transaction.atomic():
                 reports.record_download(report=report, context=audit_context(request))
@@ -426,9 +437,11 @@ class ComplianceReportViewSet(BridgeViewSet):
             return _not_ready(report)
         path = verify.companion_paths(reports.report_path(report))[index]
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = reports.read_companion(report, index)
         except FileNotFoundError:
             raise NotFound(f"The {path.name} of report {report.pk} no longer exists.") from None
+        except reports.ReportTampered as tampered:
+            return _tampered(tampered)
         response = Response(data)
         # Saved under this name beside the report file, the verifiers find it by default.
         response["Content-Disposition"] = f'attachment; filename="{path.name}"'

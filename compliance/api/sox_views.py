@@ -82,7 +82,8 @@ class SoxChangeSerializer(serializers.ModelSerializer):
         read_only=True,
         allow_null=True,
         help_text="The row before (null for an insert); secret columns show only "
-        f'"{sox.SECRET_CHANGED}" or "{sox.SECRET_UNCHANGED}".',
+        f'"{sox.SECRET_CHANGED}" or "{sox.SECRET_UNCHANGED}", personal ones (a user\'s names '
+        f'and email) "{sox.PERSONAL_CHANGED}" or "{sox.PERSONAL_UNCHANGED}".',
     )
     after = serializers.JSONField(
         read_only=True, allow_null=True, help_text="The row after (null for a delete)."
@@ -374,7 +375,10 @@ class ApprovalViewSet(BridgeViewSet):
         responses={200: ApprovalSerializer, 409: ErrorSerializer},
     )
     def cancel(self, request: Request, pk: Any) -> Response:
+        from compliance.api.monitoring_views import refuse_fields
+
         approval = self._approval(pk)
+        refuse_fields(request)
         try:
             approval = approvals.cancel(
                 approval=approval, user=request.user, context=audit_context(request)

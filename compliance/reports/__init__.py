@@ -19,9 +19,12 @@ from typing import Any
 
 _SERVICES = (
     "ReportRefused",
+    "ReportTampered",
     "Verdict",
     "generate_inline",
     "generate_report_job",
+    "open_report_file",
+    "read_companion",
     "reap_reports",
     "record_download",
     "report_files",

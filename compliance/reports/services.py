@@ -10,6 +10,7 @@ Every step is audited: report.requested, report.generated or report.failed, repo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -47,9 +48,12 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ReportRefused",
+    "ReportTampered",
     "Verdict",
     "generate_inline",
     "generate_report_job",
+    "open_report_file",
+    "read_companion",
     "reap_reports",
     "record_download",
     "report_files",
@@ -158,6 +162,7 @@ def clean_filters(report_type: str, filters: Any) -> dict[str, Any]:
             or not value.strip()
             or len(value) > spec.max_length
             or "\x00" in value
+            or not _encodable(value)
         ):
             raise ReportRefused(
                 f"Filter {name!r} must be a non-blank string of at most {spec.max_length} "
@@ -167,6 +172,15 @@ def clean_filters(report_type: str, filters: Any) -> dict[str, Any]:
             )
         cleaned[name] = value
     return cleaned
+
+
+def _encodable(value: str) -> bool:
+    # JSON can carry a lone surrogate (\ud800), which no database column can store.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _clean(
@@ -604,6 +618,71 @@ def reap_reports() -> int:
 
 
 # --- Reading it ---------------------------------------------------------------------------
+
+
+class ReportTampered(Exception):
+    """A report's file (or its manifest or signature) on disk is not what was generated."""
+
+
+def open_report_file(report: ComplianceReport) -> Any:
+    """The report's file opened for reading, after checking its bytes are those generated:
+    the SHA-256 and size recorded on the row when the report was signed. A file swapped or
+    edited on disk (another report's validly signed file, say) raises ReportTampered and is
+    never served. Hashed through the open handle, so a swap after the check serves nothing.
+    FileNotFoundError when the file is gone."""
+    # Returned open: the caller (a FileResponse) closes it.
+    handle = open(report_path(report), "rb")
+    try:
+        digest = hashlib.sha256()
+        size = 0
+        while block := handle.read(1 << 20):
+            digest.update(block)
+            size += len(block)
+        if digest.hexdigest() != report.sha256 or size != report.size:
+            log.error(
+                "report %s: the file on disk (%s bytes, SHA-256 %s) is not the one generated "
+                "(%s bytes, SHA-256 %s): not served",
+                report.pk,
+                size,
+                digest.hexdigest(),
+                report.size,
+                report.sha256,
+            )
+            raise ReportTampered(
+                f"The file of report {report.pk} was changed after it was generated (its "
+                "SHA-256 does not match the one recorded): it is not served."
+            )
+        handle.seek(0)
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
+def read_companion(report: ComplianceReport, index: int) -> dict[str, Any]:
+    """The report's manifest (0) or signature file (1) as stored beside it, after checking it
+    is the one recorded on the row when the report was signed (ReportTampered otherwise);
+    FileNotFoundError when it is gone."""
+    path = verify.companion_paths(report_path(report))[index]
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        data = None
+    if index == 0:
+        intact = data == report.manifest
+    else:
+        intact = (
+            isinstance(data, dict)
+            and data.get("signature") == report.signature
+            and data.get("key_id") == report.key_id
+        )
+    if not intact:
+        log.error("report %s: %s on disk is not the one recorded: not served", report.pk, path)
+        raise ReportTampered(
+            f"The {path.name} of report {report.pk} was changed after the report was signed: "
+            "it is not served."
+        )
+    return data
 
 
 def record_download(*, report: ComplianceReport, context: AuditContext) -> None:

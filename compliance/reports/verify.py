@@ -23,6 +23,7 @@ import argparse
 import base64
 import hashlib
 import json
+import re
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -38,6 +39,12 @@ SIGNATURE_FORMAT = "bridge-compliance-report-signature"
 REPORT_CONTEXT = b"bridge.report.v1\n"
 MANIFEST_SUFFIX = ".manifest.json"
 SIGNATURE_SUFFIX = ".sig"
+
+# How Bridge names a report file (`<id>.<format>`): a file so named must be the one its signed
+# manifest describes; a file renamed by hand is checked by its content alone.
+_REPORT_NAME = re.compile(
+    r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\.(?:csv|json|pdf)"
+)
 
 # Verdict problems: what went wrong decides the exit status.
 UNREADABLE = "unreadable"
@@ -187,6 +194,17 @@ def verify_report(
     described = manifest.get("file")
     if not isinstance(described, dict):
         return Verdict(False, "the manifest describes no file", TAMPERED, report_id, key_id)
+    if _REPORT_NAME.fullmatch(path.name) and described.get("name") != path.name:
+        # Another report's file, manifest and signature copied over this report's names: each
+        # verifies on its own, but the signed manifest names the file it describes.
+        return Verdict(
+            False,
+            f"the signed manifest describes {described.get('name')!r}, not {path.name!r}: "
+            "another report's files stand in for this one",
+            TAMPERED,
+            report_id,
+            key_id,
+        )
     try:
         sha256, size = file_digest(path)
     except OSError as exc:
