@@ -485,6 +485,10 @@ class AuditPurge(models.Model):
     job = models.ForeignKey(
         "bridge.Job", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
+    # Ed25519 over the purge's statement (compliance.retention.purge_statement) by the audit
+    # signing key, made by the purge itself: a row an insider writes has no valid one.
+    key_id = models.CharField(max_length=40, blank=True)
+    signature = models.TextField(blank=True)
 
     class Meta:
         ordering = ["-last_seq"]

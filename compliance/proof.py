@@ -82,6 +82,7 @@ _ID_AT = ROW_COLUMNS.index("id")
 
 # Domain separation: a checkpoint signature can never pass for a rotation's, or the reverse.
 CHECKPOINT_CONTEXT = b"bridge.audit.checkpoint.v1\n"
+PURGE_CONTEXT = b"bridge.audit.purge.v1\n"
 ROTATION_CONTEXT = b"bridge.audit.key-rotation.v1\n"
 
 
@@ -277,6 +278,12 @@ def verifies(key: Ed25519PublicKey, signature: Any, message: bytes) -> bool:
     except (InvalidSignature, ValueError, TypeError):
         return False
     return True
+
+
+def purge_message(statement: dict[str, Any]) -> bytes:
+    """The bytes a purge's signature covers: its statement (range, count, anchor) as canonical
+    JSON, under a context of its own so it can never pass for a checkpoint's."""
+    return PURGE_CONTEXT + canonical_json(statement).encode("utf-8")
 
 
 # --- Checkpoints --------------------------------------------------------------------------

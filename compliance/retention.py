@@ -30,6 +30,7 @@ alone, which an insider could write.
 
 from __future__ import annotations
 
+import base64
 import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -522,6 +523,19 @@ def chain_base(review: proof.CheckpointReview | None = None) -> ChainBase:
                 checkpoint=anchor.checkpoint,
             ),
         )
+    if not _purge_signed(purge):
+        return ChainBase(
+            cut,
+            GENESIS_HASH,
+            anchor.checkpoint,
+            proof.Problem(
+                f"the purge of seq {purge.first_seq}..{cut} is not signed by a key Bridge "
+                "trusts: events 1.."
+                f"{cut} were removed by someone other than Bridge's retention",
+                seq=lower,
+                checkpoint=anchor.checkpoint,
+            ),
+        )
     return ChainBase(cut, anchor.hash, anchor.checkpoint)
 
 
@@ -766,7 +780,7 @@ def _purge_chunk(
         stats = _range_stats(first_seq, end.seq)
         _allow_purge(first_seq, end.seq)
         deleted = _delete_range(first_seq, end.seq)
-        purge = AuditPurge.objects.create(
+        purge = AuditPurge(
             first_seq=first_seq,
             last_seq=end.seq,
             events=deleted,
@@ -776,6 +790,8 @@ def _purge_chunk(
             purged_at=timezone.now(),
             job=job,
         )
+        _sign_purge(purge)
+        purge.save()
         # The purge is itself an event of the chain, sealed after what it removed.
         record_event(
             action=AuditAction.AUDIT_PURGED,
@@ -794,6 +810,42 @@ def _purge_chunk(
             },
         )
     return purge
+
+
+def purge_statement(purge: AuditPurge) -> dict[str, Any]:
+    """What a purge's signature covers: the range, the count, the anchor and the times."""
+    return {
+        "first_seq": purge.first_seq,
+        "last_seq": purge.last_seq,
+        "events": purge.events,
+        "checkpoint_number": purge.checkpoint_number,
+        "anchor_hash": purge.anchor_hash,
+        "newest_purged_at": iso(purge.newest_purged_at),
+        "purged_at": iso(purge.purged_at),
+    }
+
+
+def _sign_purge(purge: AuditPurge) -> None:
+    # Only this code path holds the signing key: an insider who deletes events and writes a
+    # purge row and its event by hand cannot make this signature (the key is a file outside
+    # the database), so verification tells their cut from a real purge.
+    from security.keys import audit_signing_key
+
+    key = audit_signing_key()
+    signature = key.private.sign(proof.purge_message(purge_statement(purge)))
+    purge.key_id = key.key_id
+    purge.signature = base64.b64encode(signature).decode("ascii")
+
+
+def _purge_signed(purge: AuditPurge) -> bool:
+    from compliance.checkpoints import sink_rotations
+    from compliance.sinks import configured_sinks
+    from security.keys import trusted_keys
+
+    ring = trusted_keys(sink_rotations(configured_sinks()))
+    key = ring.keys.get(purge.key_id)
+    message = proof.purge_message(purge_statement(purge))
+    return key is not None and proof.verifies(key, purge.signature, message)
 
 
 def _refuse(reason: str, *, dry_run: bool, context: AuditContext, plan: dict) -> PurgeRefused:

@@ -4,6 +4,7 @@ and offline, from the checkpoint the purge was cut at; an insider's cut does not
 
 from __future__ import annotations
 
+import base64
 import importlib
 from datetime import timedelta
 from pathlib import Path
@@ -40,6 +41,7 @@ from compliance.reports import report_files
 from compliance.verification import check_chain
 from compliance.verify_export import verify_export
 from security import keys
+from security.keys import audit_signing_key
 from tests.compliance.test_checkpoints import public_key_file, run_offline
 from tests.conftest import bypass_triggers
 
@@ -240,7 +242,13 @@ def test_a_signed_seq_rewritten_after_the_purge_point_is_named_by_its_checkpoint
 
 
 @pytest.mark.parametrize(
-    "forged", ["unsigned cut with a purge row", "signed cut, no row", "row without event"]
+    "forged",
+    [
+        "unsigned cut with a purge row",
+        "signed cut, no row",
+        "row without event",
+        "row and event, no signature",
+    ],
 )
 def test_an_insiders_cut_is_reported_whatever_purge_row_they_write(settings, forged):
     # given 30 old events under a checkpoint signing every third seq
@@ -263,6 +271,19 @@ def test_an_insiders_cut_is_reported_whatever_purge_row_they_write(settings, for
             newest_purged_at=timezone.now() - timedelta(days=DAYS * 2),
             purged_at=timezone.now(),
         )
+    if forged == "row and event, no signature":
+        # and the purge's own event too (inserts are allowed): all but Bridge's signature
+        forged_row = AuditPurge.objects.get(last_seq=last)
+        forged_row.key_id = audit_signing_key().key_id
+        forged_row.signature = base64.b64encode(b"\x00" * 64).decode("ascii")
+        forged_row.save()
+        audit.record_event(
+            action=AuditAction.AUDIT_PURGED,
+            context=SYSTEM,
+            object_type="compliance.auditpurge",
+            object_id=forged_row.pk,
+            details={"first_seq": 1, "last_seq": last},
+        )
     # then verification reports the cut
     check = check_chain()
     assert not check.ok
@@ -271,12 +292,30 @@ def test_an_insiders_cut_is_reported_whatever_purge_row_they_write(settings, for
         "checkpoint covers them",
         "signed cut, no row": f"events 1..{last} were removed without a recorded purge",
         "row without event": "is not in the audit trail",
+        "row and event, no signature": "is not signed by a key Bridge trusts",
     }[forged]
     assert expected in check.reason, check.reason
     assert check.first_broken_seq == 1
     # and no purge runs on a chain cut below
     with pytest.raises(retention.PurgeRefused, match="is cut"):
         purge()
+
+
+def test_a_real_purge_is_signed_and_a_changed_purge_row_is_reported(settings):
+    # given a real purge
+    settings.AUDIT_CHECKPOINT_WAYPOINTS = 10
+    aged(30)
+    seal()
+    checkpoints.make_checkpoint()
+    purge()
+    row = AuditPurge.objects.get()
+    assert row.key_id == audit_signing_key().key_id and row.signature
+    assert check_chain().ok
+    # when an insider edits what the row says (the count of events it removed)
+    bypass_triggers("UPDATE compliance_auditpurge SET events = events + 1 WHERE id = %s", [row.pk])
+    # then its signature no longer covers it
+    check = check_chain()
+    assert not check.ok and "is not signed by a key Bridge trusts" in check.reason
 
 
 def test_a_legal_hold_blocks_the_purge_until_released(settings):
